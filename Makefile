@@ -1,0 +1,40 @@
+# prodrep: two commands on a fresh machine (Python 3.11 + JDK 17):
+#   make demo   # whole pipeline on the embedded Online Retail dataset, lake in $(LAKE)
+#   make test   # the test suite (real local Spark, Ray, Delta, tiny models)
+# Both create .venv when missing (torch's CPU wheel first) and are safe to re-run.
+
+PYTHON ?= python3
+VENV   ?= .venv
+LAKE   ?= ./lake
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.prodrep-installed
+
+export PYSPARK_PYTHON := $(abspath $(BIN)/python)
+export PYSPARK_DRIVER_PYTHON := $(abspath $(BIN)/python)
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+export RAY_USAGE_STATS_ENABLED := 0
+
+.PHONY: demo test install bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch first: the pinned CPU wheel; anything unpinned would pull a multi-GB CUDA build.
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[eval,test]"
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/prodrep pipeline --dataset online-retail --lake $(LAKE)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest tests
+
+bench: $(STAMP)
+	$(BIN)/python bench/run_all.py
+
+clean:
+	rm -rf $(LAKE) report .pytest_cache

@@ -1,0 +1,77 @@
+"""``prodrep`` command line: each subcommand is a thin call into one job module.
+
+A job module exposes ``configure_parser(parser)`` (adds its flags) and ``run_from_args(args) -> int``.
+Modules are imported lazily so ``prodrep --help`` is fast and a Ray-only machine needs no Spark.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from common.config import ConfigError, InputError
+
+# subcommand -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "ingest": ("spark_jobs.ingest", "validate raw events + catalog into Delta (bad rows -> quarantine)"),
+    "sessions": ("spark_jobs.sessions", "events -> sessions with train/val/test splits"),
+    "cooccur": ("spark_jobs.cooccurrence", "train sessions -> item-item co-occurrence matrix"),
+    "tokenize": ("spark_jobs.tokenize", "catalog text -> tokenizer + tokenized text shards"),
+    "train-mlm": ("ray_train.mlm", "masked-language-model pretraining on Ray Train"),
+    "train-items": ("ray_train.items", "item embeddings (id | fusion) on Ray Train"),
+    "embed": ("spark_jobs.embed_catalog", "embed the whole catalog with a Spark UDF"),
+    "neighbors": ("spark_jobs.neighbors", "top-K nearest neighbours for every item (faiss)"),
+    "similar": ("spark_jobs.lookup", "print the most similar items to an item id"),
+    "search": ("spark_jobs.lookup", "print the items closest to a free-text query"),
+    "evaluate": ("common.evaluation.cli", "basket completion, cold start, probe, perplexity vs baselines"),
+    "pipeline": ("common.pipeline", "run every stage in order (make demo)"),
+}
+
+
+def build_parser(available_only: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="prodrep", description="Product representations on Spark + Ray + Delta.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module_name, help_text) in COMMANDS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            if available_only and e.name and module_name.startswith(e.name):
+                continue  # stage not built in this release
+            raise
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        configure = getattr(module, f"configure_{name.replace('-', '_')}_parser", None) or module.configure_parser
+        configure(p)
+        runner = getattr(module, f"run_{name.replace('-', '_')}_from_args", None) or module.run_from_args
+        p.set_defaults(_runner=runner)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``prodrep`` console script; returns the process exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    return run_guarded(args._runner, args)
+
+
+def run_guarded(runner, args) -> int:
+    """Run a job, turning user errors into one clear line and a non-zero exit code."""
+    try:
+        return int(runner(args) or 0)
+    except (ConfigError, InputError, FileNotFoundError) as e:
+        print(f"prodrep: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("prodrep: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

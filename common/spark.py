@@ -1,0 +1,63 @@
+"""The one SparkSession factory.
+
+Jobs never build a session themselves: entry points (CLI, ``main()`` under spark-submit, tests) call
+:func:`get_spark`. Under spark-submit the master and resources come from the submit command; locally we
+default to ``local[2]`` with settings that suit one small machine.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Mapping
+
+LOCAL_DEFAULTS: dict[str, str] = {
+    "spark.sql.session.timeZone": "UTC",
+    "spark.sql.shuffle.partitions": "8",
+    "spark.default.parallelism": "4",
+    "spark.sql.execution.arrow.pyspark.enabled": "true",
+    "spark.sql.adaptive.enabled": "true",
+    "spark.ui.showConsoleProgress": "true",
+    "spark.python.worker.reuse": "true",
+    "spark.sql.ansi.enabled": "false",
+}
+
+
+def get_spark(app_name: str = "prodrep", master: str | None = None, conf: Mapping[str, str] | None = None):
+    """Return the active SparkSession, creating it (and registering the Delta data source) if needed.
+
+    ``master`` defaults to ``$PRODREP_SPARK_MASTER`` or ``local[2]`` when not launched by spark-submit.
+    ``spark.driver.memory`` defaults to ``$PRODREP_DRIVER_MEMORY`` or 4g (it must be set before the JVM
+    starts, so it is only honoured for a new session).
+    """
+    # Executors must run the same interpreter (and venv) as the driver.
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+    from pyspark.sql import SparkSession
+
+    active = SparkSession.getActiveSession()
+    if active is not None:
+        from common.delta_source import register
+
+        register(active)
+        return active
+
+    builder = SparkSession.builder.appName(app_name)
+    launched_by_submit = "spark.master" in os.environ.get("PYSPARK_SUBMIT_ARGS", "") or os.environ.get(
+        "SPARK_ENV_LOADED"
+    )
+    if master or not launched_by_submit:
+        builder = builder.master(master or os.environ.get("PRODREP_SPARK_MASTER", "local[2]"))
+        builder = builder.config("spark.driver.memory", os.environ.get("PRODREP_DRIVER_MEMORY", "4g"))
+        for k, v in LOCAL_DEFAULTS.items():
+            builder = builder.config(k, v)
+    else:
+        builder = builder.config("spark.sql.session.timeZone", "UTC")
+    for k, v in (conf or {}).items():
+        builder = builder.config(k, v)
+    spark = builder.getOrCreate()
+    spark.sparkContext.setLogLevel(os.environ.get("PRODREP_SPARK_LOG_LEVEL", "WARN"))
+    from common.delta_source import register
+
+    register(spark)
+    return spark

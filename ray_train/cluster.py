@@ -1,0 +1,28 @@
+"""Connecting to Ray: an existing cluster (``ray job submit`` / ``RAY_ADDRESS``) or a local one."""
+
+from __future__ import annotations
+
+import os
+
+DEFAULT_OBJECT_STORE = 2 * 1024**3  # Spark may share the machine: keep Ray's shared memory bounded
+
+
+def ensure_ray(num_cpus: int | None = None, object_store_memory: int | None = None) -> None:
+    """Initialise Ray once. Under ``ray job submit`` (RAY_ADDRESS set) this joins that cluster; else it
+    starts a local one sized to this machine with a bounded object store."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+        return
+    ray.init(
+        num_cpus=num_cpus,
+        object_store_memory=object_store_memory
+        or int(os.environ.get("PRODREP_RAY_OBJECT_STORE", DEFAULT_OBJECT_STORE)),
+        include_dashboard=False,
+        log_to_driver=True,
+        runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}},
+    )
