@@ -264,13 +264,17 @@ def conform_spark(df: "DataFrame", schema: TableSchema) -> "DataFrame":
 def read_spark(spark: "SparkSession", lake: str, table: str, version: int | None = None) -> "DataFrame":
     """Read a lake table as a Spark DataFrame (``version`` = time travel). Filters on partition
     columns prune files."""
-    uri = table_uri(lake, table)
+    delta_table(lake, table, version)  # clear error if missing / bad version
+    return read_delta_uri(spark, table_uri(lake, table), version)
+
+
+def read_delta_uri(spark: "SparkSession", uri: str, version: int | None = None) -> "DataFrame":
+    """Read any Delta table by URI (native delta-spark when available, else the delta-rs data source)."""
     if use_native_delta(spark):
         reader = spark.read.format("delta")
         if version is not None:
             reader = reader.option("versionAsOf", version)
         return reader.load(uri)
-    delta_table(lake, table, version)  # clear error if missing / bad version
     from common.delta_source import register
 
     register(spark)
