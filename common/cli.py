@@ -30,29 +30,30 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def build_parser(available_only: bool = True) -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The ``prodrep`` parser. Only ``command``'s module is imported (so one stage's heavy or missing
+    dependencies never break another stage's command); the others are listed with their help."""
     parser = argparse.ArgumentParser(prog="prodrep", description="Product representations on Spark + Ray + Delta.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module_name, help_text) in COMMANDS.items():
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as e:
-            if available_only and e.name and module_name.startswith(e.name):
-                continue  # stage not built in this release
-            raise
         p = sub.add_parser(name, help=help_text, description=help_text)
-        configure = getattr(module, f"configure_{name.replace('-', '_')}_parser", None) or module.configure_parser
+        if name != command:
+            continue
+        module = importlib.import_module(module_name)
+        key = name.replace("-", "_")
+        configure = getattr(module, f"configure_{key}_parser", None) or module.configure_parser
         configure(p)
-        runner = getattr(module, f"run_{name.replace('-', '_')}_from_args", None) or module.run_from_args
+        runner = getattr(module, f"run_{key}_from_args", None) or module.run_from_args
         p.set_defaults(_runner=runner)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``prodrep`` console script; returns the process exit code."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if a in COMMANDS), None)
+    args = build_parser(command).parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -538,7 +538,10 @@ def config_from_args(args: argparse.Namespace) -> IngestConfig:
 def run_from_args(args: argparse.Namespace) -> int:
     from common.spark import get_spark
 
-    cfg = config_from_args(args)
+    cfg = resolve(config_from_args(args))
+    for path in (cfg.events, cfg.catalog):  # fail before paying for a JVM start
+        if path and "://" not in path and not Path(path).exists():
+            raise InputError(f"input {path} does not exist: check the path (relative paths are from {os.getcwd()})")
     summary = run(get_spark("prodrep-ingest"), cfg)
     print(format_summary(summary))
     return 0

@@ -208,8 +208,9 @@ def top_k(scores: np.ndarray, query: np.ndarray, valid: np.ndarray, k: int) -> n
     b, n = scores.shape
     if k > n:
         raise ValueError(f"k={k} exceeds the number of items ({n})")
-    s = np.nan_to_num(np.asarray(scores, dtype=np.float64), nan=LOW, neginf=LOW, posinf=np.finfo(np.float64).max)
-    s = np.maximum(s, LOW)
+    s = np.array(scores, dtype=np.float64)  # a private copy: edited in place below
+    np.nan_to_num(s, copy=False, nan=LOW, neginf=LOW, posinf=np.finfo(np.float64).max)
+    np.maximum(s, LOW, out=s)
     s[:, ~valid] = -np.inf
     s[np.arange(b), query] = -np.inf
     kth = np.partition(s, n - k, axis=1)[:, n - k]  # k-th largest score per row
@@ -242,6 +243,8 @@ def evaluate_scores(
 
     q = ctx.queries
     depth = min(depth, int(ctx.is_candidate.sum()) - 1)
+    # bound the (B, N) float64 working set to ~400 MB however large the catalog is
+    batch_size = max(1, min(batch_size, 50_000_000 // max(ctx.n_items, 1)))
     hits = np.zeros((len(q), max(depth, 0)), dtype=bool)
     starts = range(0, len(q), batch_size)
     for start in tqdm(starts, desc=desc, disable=not progress or len(starts) < 2, leave=False):

@@ -44,6 +44,7 @@ def plot_recall_curves(curves: Mapping[str, Mapping[str, Sequence[float]]], path
         ax.set_ylabel("Recall@K")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8, loc="upper left")
+    fig.suptitle("Recall@K = hits / min(K, |targets|) (so it can dip while K < |targets|); lines that coincide share a ranking", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -1,0 +1,668 @@
+"""Masked-language-model pretraining of a BERT encoder on product text, data-parallel on Ray Train.
+
+``text_shards`` (Delta, via Ray Data) -> ``TorchTrainer`` workers (DDP) -> ``<lake>/models/<run>/``
+(HF model + tokenizer + prodrep.json + metrics.jsonl). From scratch (``--preset tiny|small|base``,
+sized from the tokenizer recorded with ``text_shards``) or domain-adaptive from a pretrained BERT
+directory (``--init DIR``, e.g. all-MiniLM-L6-v2; a fresh MLM head tied to its embeddings is added).
+
+Run it as ``prodrep train-mlm --lake L ...``, ``python -m ray_train.mlm --lake L ...`` or
+``ray job submit -- python -m ray_train.mlm --lake L ...`` (joins the cluster via RAY_ADDRESS).
+Re-running with the same ``--run-name`` resumes from the run's last checkpoint in ``<lake>/_ray``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Literal, Sequence
+
+import numpy as np
+
+from common.config import ConfigError, InputError, JobConfig, build_config, parse_overrides
+
+log = logging.getLogger(__name__)
+
+JOB = "train-mlm"
+PRESETS: dict[str, dict[str, int]] = {
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128),
+    "small": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024),
+    "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+}
+METRICS_FILE = "metrics.jsonl"
+STATE_FILE = "state.pt"
+
+
+# ------------------------------------------------------------------------------------------- config
+@dataclass(frozen=True)
+class MLMConfig(JobConfig):
+    """train-mlm settings. ``batch_size`` is per worker and per micro-batch: the global batch is
+    ``batch_size * grad_accum * workers`` sequences."""
+
+    preset: Literal["tiny", "small", "base"] = "small"
+    init: str | None = None  # pretrained HF BERT dir (domain-adaptive); overrides preset
+    run_name: str | None = None  # default: mlm-<preset|init dir name>
+    restart: bool = False  # drop the run's checkpoints and start over instead of resuming
+    workers: int = 1
+    gpu: bool = False
+    cpus_per_worker: float = 1.0
+    max_steps: int = 300  # optimizer steps; also the LR schedule's horizon
+    batch_size: int = 64
+    grad_accum: int = 1
+    lr: float = 5e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 30
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    min_lr_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    mask_rate: float = 0.15
+    whole_word: bool = False
+    dropout: float = 0.1
+    eval_interval: int = 50
+    max_eval_rows: int = 2000  # val rows used for perplexity (fixed masks, same every eval)
+    patience: int = 0  # evals without val improvement before stopping early; 0 = never stop early
+    checkpoint_interval: int = 100
+    keep_checkpoints: int = 2
+    bucket_batches: int = 50  # length-bucketing buffer, in batches
+    packing: bool = False  # pack several items per sequence (no padding at all) instead of bucketing
+    pack_length: int = 128
+    compile: bool = False  # torch.compile the encoder (GPU)
+    seed: int = 0
+    log_interval: int = 10
+    stop_at_step: int = 0  # stop (checkpointed, no export) at this step, as if interrupted; 0 = off
+    shards_version: int | None = None  # text_shards version to read; default latest
+
+    def validate(self) -> None:
+        super().validate()
+        positive = {
+            "workers": self.workers, "max_steps": self.max_steps, "batch_size": self.batch_size,
+            "grad_accum": self.grad_accum, "eval_interval": self.eval_interval,
+            "checkpoint_interval": self.checkpoint_interval, "keep_checkpoints": self.keep_checkpoints,
+            "log_interval": self.log_interval, "max_eval_rows": self.max_eval_rows, "pack_length": self.pack_length,
+        }  # fmt: skip
+        for name, v in positive.items():
+            if v < 1:
+                raise ConfigError(f"{name}={v}: must be >= 1")
+        if not 0.0 < self.mask_rate < 1.0:
+            raise ConfigError(f"mask_rate={self.mask_rate}: must be in (0, 1); BERT uses 0.15")
+        if self.lr <= 0:
+            raise ConfigError(f"lr={self.lr}: must be > 0 (e.g. 5e-4 from scratch, 5e-5 with --init)")
+        if not 0 <= self.warmup_steps < self.max_steps:
+            raise ConfigError(f"warmup_steps={self.warmup_steps}: must be in [0, max_steps={self.max_steps})")
+        if self.cpus_per_worker <= 0:
+            raise ConfigError(f"cpus_per_worker={self.cpus_per_worker}: must be > 0")
+        if self.init and not Path(self.init).is_dir():
+            raise ConfigError(f"init={self.init}: not a directory; pass a Hugging Face BERT model dir (config.json + weights)")
+        if self.stop_at_step < 0 or self.patience < 0:
+            raise ConfigError("stop_at_step and patience must be >= 0")
+
+    @property
+    def name(self) -> str:
+        return self.run_name or f"mlm-{Path(self.init).name if self.init else self.preset}"
+
+
+# -------------------------------------------------------------------------------------------- model
+def build_model(preset: str, vocab_size: int, max_length: int, pad_id: int, init: str | None = None, dropout: float = 0.1) -> Any:
+    """A ``BertForMaskedLM`` with SDPA attention: from a preset sized to the tokenizer, or from the
+    pretrained encoder in ``init`` with a freshly initialised MLM head tied to its word embeddings."""
+    from transformers import BertConfig, BertForMaskedLM
+    from transformers.utils import logging as hf_logging
+
+    if init:
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # the "newly initialized cls.* weights" notice is expected here
+        try:
+            model = BertForMaskedLM.from_pretrained(init, attn_implementation="sdpa")
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        if model.config.vocab_size < vocab_size:
+            raise InputError(f"--init {init}: model vocab {model.config.vocab_size} < tokenizer vocab {vocab_size}")
+        model.tie_weights()
+        return model
+    if preset not in PRESETS:
+        raise ConfigError(f"preset={preset!r}: use one of {sorted(PRESETS)}")
+    config = BertConfig(
+        vocab_size=-(-vocab_size // 8) * 8,  # multiple of 8: tensor-core friendly embedding/decoder shapes
+        max_position_embeddings=max(512, max_length),
+        pad_token_id=pad_id,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
+        tie_word_embeddings=True,
+        **PRESETS[preset],
+    )
+    return BertForMaskedLM._from_config(config, attn_implementation="sdpa")
+
+
+def check_init_tokenizer(init: str, shards_tokenizer_dir: str, tokenizer_hash: str | None) -> None:
+    """``--init DIR`` only makes sense if DIR's tokenizer produced text_shards' token ids."""
+    from ray_train.data import load_tokenizer
+
+    mine, theirs = load_tokenizer(init), load_tokenizer(shards_tokenizer_dir)
+    probe = "Set of 6 Vintage RÉTRO Tea-Cups, 12cm ##x [MASK]"
+    if mine.get_vocab() != theirs.get_vocab() or mine(probe)["input_ids"] != theirs(probe)["input_ids"]:
+        raise InputError(
+            f"--init {init}: its tokenizer (vocab {len(mine)}) is not the one that produced text_shards "
+            f"(tokenizer {shards_tokenizer_dir}, hash {tokenizer_hash}, vocab {len(theirs)}), so the token ids "
+            f"would mean different words to the model. Re-tokenize the catalog with the model's tokenizer: "
+            f"`prodrep tokenize --lake <lake> --tokenizer {init}`, then run train-mlm again"
+        )
+
+
+def _masked_lm_loss_module() -> Any:
+    import torch
+    import torch.nn.functional as F
+
+    class MaskedLMLoss(torch.nn.Module):
+        """Sum of the NLL over masked positions; the vocabulary projection runs on masked positions
+        only (~15% of tokens) instead of every token, which BertForMaskedLM.forward would do."""
+
+        def __init__(self, mlm: Any) -> None:
+            super().__init__()
+            self.mlm = mlm
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            hidden = self.mlm.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            selected = labels != -100
+            logits = self.mlm.cls(hidden[selected])
+            return F.cross_entropy(logits.float(), labels[selected], reduction="sum")
+
+    return MaskedLMLoss
+
+
+def MaskedLMLoss(mlm: Any) -> Any:  # noqa: N802 - a class built lazily so importing this module needs no torch
+    """Wrap a ``BertForMaskedLM``: ``forward(input_ids, attention_mask, labels) -> summed NLL``."""
+    return _masked_lm_loss_module()(mlm)
+
+
+# ---------------------------------------------------------------------------------------- one step
+def _dist() -> tuple[Any, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist, dist.get_world_size()
+    return None, 1
+
+
+def _all_sum(t: Any) -> Any:
+    dist, world = _dist()
+    if dist is not None and world > 1:
+        dist.all_reduce(t)
+    return t
+
+
+def autocast_ctx(device: Any) -> Any:
+    """bf16 autocast on CUDA; nothing on CPU (bf16 matmuls are slow on most CPUs)."""
+    import torch
+
+    if getattr(device, "type", str(device)) == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def train_step(
+    loss_module: Any,
+    optimizer: Any,
+    scheduler: Any,
+    micro_batches: Sequence[dict[str, Any]],
+    device: Any,
+    max_grad_norm: float,
+) -> dict[str, Any]:
+    """One optimizer step over ``micro_batches`` (gradient accumulation), data-parallel when
+    torch.distributed is initialised and ``loss_module`` is DDP-wrapped.
+
+    The loss is the mean NLL over every masked token of the *global* batch (all workers, all
+    micro-batches): each worker scales its summed NLL by world / global count, so DDP's gradient
+    average equals the single-process gradient on the same global batch. Returns tensors (no
+    host sync): loss, masked-token and token counts, grad norm.
+    """
+    import torch
+
+    _, world = _dist()
+    batches = [{k: v.to(device, non_blocking=True) for k, v in b.items()} for b in micro_batches]
+    counts = torch.stack([(b["labels"] != -100).sum() for b in batches] + [sum(b["attention_mask"].sum() for b in batches)])
+    masked_local = counts[:-1].sum()
+    global_counts = _all_sum(torch.stack([masked_local, counts[-1]]).double())
+    denom = global_counts[0].clamp(min=1.0).float()
+    nll_total = torch.zeros((), device=device)
+    for i, b in enumerate(batches):
+        sync = contextlib.nullcontext() if i == len(batches) - 1 or not hasattr(loss_module, "no_sync") else loss_module.no_sync()
+        with sync:
+            with autocast_ctx(device):
+                nll = loss_module(**b)
+            (nll * (world / denom)).backward()
+        nll_total += nll.detach()
+    inner = getattr(loss_module, "module", loss_module)
+    params = [p for p in inner.parameters() if p.grad is not None]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    nll_global = _all_sum(nll_total.double())
+    return {"loss": nll_global / global_counts[0].clamp(min=1.0), "masked": global_counts[0], "tokens": global_counts[1], "grad_norm": grad_norm}
+
+
+def evaluate_nll(mlm: Any, batches: Sequence[dict[str, Any]], device: Any) -> tuple[float, float]:
+    """(summed NLL, masked-token count) over fixed masked batches, summed over all workers."""
+    import torch
+
+    loss_module = MaskedLMLoss(mlm)
+    was_training = mlm.training
+    mlm.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    with torch.no_grad():
+        for b in batches:
+            b = {k: v.to(device) for k, v in b.items()}
+            with autocast_ctx(device):
+                total[0] += loss_module(**b).double()
+            total[1] += (b["labels"] != -100).sum()
+    mlm.train(was_training)
+    total = _all_sum(total)
+    return float(total[0]), float(total[1])
+
+
+def _ppl(nll: float, count: float) -> float:
+    return float(math.exp(nll / count)) if count else float("nan")
+
+
+# -------------------------------------------------------------------------------------- worker loop
+def _epoch_batches(
+    shard: Any, epoch: int, cfg: dict[str, Any], rank: int
+) -> Iterator[list[np.ndarray]]:
+    """One pass over this worker's shard as lists of sequences (bucketed by length, or packed)."""
+    from ray_train.data import arrow_to_seqs, bucket_batches, pack_sequences
+
+    def seqs() -> Iterator[np.ndarray]:
+        for batch in shard.iter_batches(batch_size=1024, batch_format="pyarrow", prefetch_batches=2):
+            yield from arrow_to_seqs(batch.column("input_ids"))
+
+    rng = np.random.default_rng([cfg["seed"], epoch, rank])
+    stream: Iterator[np.ndarray] = seqs()
+    if cfg["packing"]:
+        stream = pack_sequences(stream, cfg["pack_length"])
+    return bucket_batches(stream, cfg["batch_size"], rng, cfg["bucket_batches"])
+
+
+def _save_state(path: Path, **state: Any) -> None:
+    import torch
+
+    path.mkdir(parents=True, exist_ok=True)
+    torch.save(state, path / STATE_FILE)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Per-worker MLM training: model + DDP, sharded data, masking, steps, eval, checkpoints; rank 0 exports."""
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from ray_train.data import MaskingCollator, SpecialTokens, arrow_to_seqs, fixed_masked_batches, load_tokenizer
+    from ray_train.optim import build_optimizer, build_scheduler
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.set_num_threads(max(1, int(config["threads"])))
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    tok = load_tokenizer(config["tokenizer_dir"])
+    special = SpecialTokens.from_tokenizer(tok)
+    collator = MaskingCollator(special, rate=config["mask_rate"], whole_word=config["whole_word"])
+    torch.manual_seed(config["seed"])  # same init everywhere (DDP also broadcasts rank 0's weights)
+    mlm = build_model(config["preset"], max(config["vocab_size"], len(tok)), config["max_length"], special.pad_id,
+                      config["init"], config["dropout"])  # fmt: skip
+    mlm.to(device)
+    optimizer = build_optimizer(mlm, config["lr"], config["weight_decay"])
+    scheduler = build_scheduler(optimizer, config["warmup_steps"], config["max_steps"], config["schedule"], config["min_lr_ratio"])
+
+    step, epoch, batch_in_epoch = 0, 0, 0
+    history: list[dict[str, Any]] = []
+    best = {"ppl": float("inf"), "step": 0, "bad_evals": 0, "state": None}
+    ppl_before = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            st = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
+        mlm.load_state_dict(st["model"])
+        optimizer.load_state_dict(st["optimizer"])
+        scheduler.load_state_dict(st["scheduler"])
+        step, epoch, batch_in_epoch = st["step"], st["epoch"], st["batch_in_epoch"]
+        history, ppl_before = st["history"], st["ppl_before"]
+        best = st["best"]
+        torch.set_rng_state(st["torch_rng"])
+        if rank == 0:
+            log.info("resuming %s from step %d (epoch %d, batch %d)", config["run_name"], step, epoch, batch_in_epoch)
+
+    if config["compile"]:
+        mlm.bert.compile(dynamic=True)
+    loss_module = ray.train.torch.prepare_model(MaskedLMLoss(mlm), move_to_device=False)
+    loss_module.train()
+
+    # Validation set: read once, masked once with a fixed seed, so every eval scores the same tokens.
+    val_seqs: list[np.ndarray] = []
+    val_shard = ray.train.get_dataset_shard("val")
+    limit = max(1, config["max_eval_rows"] // world)
+    for b in val_shard.iter_batches(batch_size=1024, batch_format="pyarrow"):
+        val_seqs.extend(arrow_to_seqs(b.column("input_ids")))
+    val_batches = fixed_masked_batches(val_seqs[:limit], collator, config["batch_size"], seed=config["seed"] + 7919 * rank)
+
+    def evaluate() -> float:
+        return _ppl(*evaluate_nll(mlm, val_batches, device))
+
+    if ppl_before is None:
+        ppl_before = evaluate()
+        if rank == 0:
+            log.info("val perplexity before training: %.2f", ppl_before)
+
+    shard = ray.train.get_dataset_shard("train")
+    mask_gen = torch.Generator()
+
+    def batch_stream() -> Iterator[dict[str, Any]]:
+        nonlocal epoch, batch_in_epoch
+        skip = batch_in_epoch
+        while True:
+            n_seen = 0
+            for seqs in _epoch_batches(shard, epoch, config, rank):
+                n_seen += 1
+                if n_seen <= skip:  # resuming mid-epoch: these batches were trained on already
+                    continue
+                batch_in_epoch = n_seen
+                # masks depend on (seed, epoch, batch, rank) only: a resumed run masks as the original
+                mask_gen.manual_seed(hash((config["seed"], epoch, n_seen, rank)) & 0x7FFFFFFFFFFF)
+                yield collator(seqs, mask_gen)
+            if n_seen == 0:
+                raise InputError("text_shards has no usable train rows for this worker: tokenize a larger catalog")
+            epoch, batch_in_epoch, skip = epoch + 1, 0, 0
+
+    stream = batch_stream()
+    pending: list[tuple[int, dict[str, Any], float]] = []
+    stopped_early = False
+    t0, tokens_since = time.perf_counter(), 0.0
+    pbar = None
+    if rank == 0:
+        from tqdm.auto import tqdm
+
+        pbar = tqdm(total=config["max_steps"], initial=step, desc="train-mlm", disable=None)
+
+    def flush_logs() -> None:
+        nonlocal t0, tokens_since
+        dt = time.perf_counter() - t0
+        toks = sum(float(o["tokens"]) for _, o, _ in pending)
+        for s, out, lr in pending:
+            history.append({"step": s, "loss": round(float(out["loss"]), 5), "grad_norm": round(float(out["grad_norm"]), 4),
+                            "lr": lr, "masked_tokens": int(out["masked"]), "tokens": int(out["tokens"])})  # fmt: skip
+        if pending and dt > 0:
+            history[-1]["tokens_per_s"] = round(toks / dt, 1)
+            history[-1]["tokens_per_s_per_worker"] = round(toks / dt / world, 1)
+        pending.clear()
+        t0 = time.perf_counter()
+
+    def checkpoint_state() -> dict[str, Any] | None:
+        if rank != 0:
+            return None
+        return dict(model=mlm.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                    step=step, epoch=epoch, batch_in_epoch=batch_in_epoch, history=history, ppl_before=ppl_before,
+                    best=best, torch_rng=torch.get_rng_state())  # fmt: skip
+
+    while step < config["max_steps"]:
+        micro = [next(stream) for _ in range(config["grad_accum"])]
+        lr = scheduler.get_last_lr()[0]
+        torch.manual_seed(hash((config["seed"], step, rank)) & 0x7FFFFFFF)  # dropout, resumable
+        out = train_step(loss_module, optimizer, scheduler, micro, device, config["max_grad_norm"])
+        step += 1
+        pending.append((step, out, lr))
+        if pbar is not None:
+            pbar.update(1)
+        is_last = step == config["max_steps"]
+        do_eval = step % config["eval_interval"] == 0 or is_last
+        if step % config["log_interval"] == 0 or do_eval:
+            flush_logs()
+            if pbar is not None:
+                pbar.set_postfix(loss=history[-1]["loss"])
+        metrics: dict[str, Any] = {"step": step, "loss": history[-1]["loss"] if history else None}
+        if do_eval:
+            ppl = evaluate()
+            history.append({"step": step, "val_ppl": round(ppl, 4)})
+            metrics["val_ppl"] = ppl
+            if ppl < best["ppl"] - 1e-6:
+                # keep a CPU copy of the best weights: exported at the end (early stopping restores them)
+                state = {k: v.detach().to("cpu", copy=True) for k, v in mlm.state_dict().items()}
+                best.update(ppl=ppl, step=step, bad_evals=0, state=state)
+            else:
+                best["bad_evals"] += 1
+            if config["patience"] and best["bad_evals"] >= config["patience"]:
+                stopped_early = True
+        interrupted = bool(config["stop_at_step"]) and step == config["stop_at_step"]
+        finished = is_last or stopped_early
+        if (step % config["checkpoint_interval"] == 0 or interrupted) and not finished:
+            _report(metrics, rank, checkpoint_state())
+        elif do_eval and not finished:
+            ray.train.report(metrics)
+        if interrupted or finished:
+            break
+    if pbar is not None:
+        pbar.close()
+    if step < config["max_steps"] and not stopped_early:
+        return  # interrupted on purpose (stop_at_step): no export; the next run resumes
+
+    if best["state"] is not None:
+        mlm.load_state_dict(best["state"])
+    ppl_after = best["ppl"] if best["state"] is not None else evaluate()
+    final = {
+        "val_ppl_before": ppl_before, "val_ppl_after": ppl_after, "best_step": best["step"], "steps": step,
+        "stopped_early": stopped_early, "final_loss": next((h["loss"] for h in reversed(history) if "loss" in h), None),
+    }  # fmt: skip
+    if rank == 0:
+        final["model_dir"] = _export(mlm, tok, config, final, history)
+    # the last checkpoint carries the final metrics: Train V2's Result.metrics are the latest checkpoint's
+    _report({**final, "step": step, "exported": True}, rank, checkpoint_state())
+
+
+def _report(metrics: dict[str, Any], rank: int, state: dict[str, Any] | None) -> None:
+    """ray.train.report with a checkpoint of ``state`` written by rank 0 (other ranks report none)."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = None
+        if rank == 0 and state is not None:
+            _save_state(Path(tmp), **state)
+            ckpt = ray.train.Checkpoint.from_directory(tmp)
+        name = f"step_{metrics['step']:07d}" + ("_final" if metrics.get("exported") else "")
+        ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=name)
+
+
+def _export(mlm: Any, tok: Any, config: dict[str, Any], final: dict[str, Any], history: list[dict[str, Any]]) -> str:
+    """Rank 0 writes the HF dir + prodrep.json + metrics.jsonl (common.models.save_export)."""
+    from common.models import new_model_version, save_export
+
+    target = config["export_dir"]
+    remote = "://" in target and not target.startswith("file://")
+    local = tempfile.mkdtemp(prefix="mlm-export-") if remote else target.removeprefix("file://")
+    if Path(local).exists() and not remote:
+        shutil.rmtree(local)  # a re-run replaces the export wholesale, never a mix of two
+    Path(local).mkdir(parents=True, exist_ok=True)
+    with open(Path(local) / METRICS_FILE, "w") as f:
+        for rec in history:
+            f.write(json.dumps(rec) + "\n")
+    meta = {
+        "kind": "mlm",
+        "model_version": new_model_version(config["run_name"]),
+        "pooling": "mean",
+        "max_length": config["max_length"],
+        "dim": int(mlm.config.hidden_size),
+        "tokenizer_hash": config["tokenizer_hash"],
+        "inputs": {"text_shards": config["shards_version"]},
+        "metrics": {k: v for k, v in final.items() if k != "model_dir"},
+        "config": config["job_config"],
+    }
+    if config.get("text_template"):
+        meta["text_template"] = config["text_template"]  # embed must render items exactly as tokenize did
+    save_export(local, meta, model=mlm, tokenizer=tok)
+    if remote:
+        import pyarrow.fs as pafs
+
+        pafs.copy_files(local, target)
+        shutil.rmtree(local, ignore_errors=True)
+    return target
+
+
+# ------------------------------------------------------------------------------------------- driver
+def train_mlm(cfg: MLMConfig) -> dict[str, Any]:
+    """Build and run the ``TorchTrainer``; returns the final metrics (val perplexity before/after,
+    steps, model_dir, ...). Same run name = resume from the last checkpoint."""
+    import ray.train
+    from ray.data import ExecutionOptions
+    from ray.train import CheckpointConfig, DataConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from common import lake as lk
+    from ray_train.cluster import ensure_ray
+    from ray_train.data import read_text_splits, shards_info
+
+    info = shards_info(cfg.lake, cfg.shards_version)
+    if cfg.init:
+        check_init_tokenizer(cfg.init, info.tokenizer_dir, info.tokenizer_hash)
+    ensure_ray()
+    storage = lk.artefact_dir(cfg.lake, "_ray")
+    if cfg.restart and not lk.is_remote(storage):
+        shutil.rmtree(Path(storage) / cfg.name, ignore_errors=True)
+    datasets = read_text_splits(cfg.lake, info.version)
+    loop_config = {
+        **{k: v for k, v in cfg.to_dict().items() if k not in ("lake", "restart", "shards_version", "run_name")},
+        "run_name": cfg.name,
+        "threads": max(1, int(cfg.cpus_per_worker)),
+        "tokenizer_dir": info.tokenizer_dir,
+        "tokenizer_hash": info.tokenizer_hash,
+        "vocab_size": info.vocab_size,
+        "max_length": info.max_length,
+        "text_template": info.template,
+        "shards_version": info.version,
+        "export_dir": lk.artefact_dir(cfg.lake, "models", cfg.name),
+        "job_config": cfg.to_dict(),
+    }
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpu, resources_per_worker={"CPU": cfg.cpus_per_worker}),
+        datasets=datasets,
+        # preserve_order: a worker sees the same rows in the same order on every run, so a resumed
+        # run continues exactly where it stopped
+        dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
+        run_config=RunConfig(
+            name=cfg.name,
+            storage_path=storage,
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+        ),
+    )
+    result = trainer.fit()
+    metrics = dict(result.metrics or {})
+    if not metrics.get("exported"):
+        metrics["model_dir"] = None  # stopped on purpose (stop_at_step): resume with the same run name
+    metrics["run_name"] = cfg.name
+    metrics["checkpoint"] = result.checkpoint.path if result.checkpoint else None
+    return metrics
+
+
+def run(cfg: MLMConfig) -> dict[str, Any]:
+    """Job entry point (pipeline / CLI): train and export; returns :func:`train_mlm`'s metrics."""
+    return train_mlm(cfg)
+
+
+# ----------------------------------------------------------------------------------- perplexity API
+def masked_perplexity(model_dir: str, input_ids: list[list[int]], mask_rate: float = 0.15, seed: int = 0, batch_size: int = 64) -> float:
+    """Masked-token perplexity of an exported MLM (or any HF BERT dir) on tokenized texts, with
+    fixed-seed masking (same inputs + seed = same masked tokens), exp(mean NLL over masked tokens).
+
+    Needs no Ray; runs on CUDA when available. A dir without an MLM head (e.g. a sentence encoder)
+    gets a random head, and its perplexity says nothing about the encoder.
+    """
+    import torch
+    from transformers import BertForMaskedLM
+    from transformers.utils import logging as hf_logging
+
+    from ray_train.data import MaskingCollator, SpecialTokens, fixed_masked_batches, load_tokenizer
+
+    seqs = [np.asarray(s, dtype=np.int64) for s in input_ids if len(s) >= 3]
+    if not seqs:
+        raise InputError("masked_perplexity: no sequence with >= 3 tokens ([CLS] token [SEP]) to score")
+    tok = load_tokenizer(model_dir)
+    collator = MaskingCollator(SpecialTokens.from_tokenizer(tok), rate=mask_rate)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        mlm = BertForMaskedLM.from_pretrained(model_dir, attn_implementation="sdpa")
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    mlm.to(device)
+    nll, count = evaluate_nll(mlm, fixed_masked_batches(seqs, collator, batch_size, seed), device)
+    return _ppl(nll, count)
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def configure_parser(p: argparse.ArgumentParser) -> None:
+    """Flags of ``prodrep train-mlm`` / ``python -m ray_train.mlm``."""
+    p.add_argument("--lake", required=True, help="lake root (local path or s3://, gs://, az:// URI)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--preset", choices=sorted(PRESETS), help="model size from scratch (default small)")
+    src.add_argument("--init", help="pretrained HF BERT dir to adapt (its tokenizer must have built text_shards)")
+    p.add_argument("--workers", type=int, help="Ray Train workers (data-parallel)")
+    p.add_argument("--gpu", action="store_true", default=None, help="one GPU per worker (bf16, TF32, SDPA)")
+    p.add_argument("--max-steps", type=int, help="optimizer steps (LR schedule horizon)")
+    p.add_argument("--batch-size", type=int, help="sequences per worker per micro-batch")
+    p.add_argument("--lr", type=float, help="peak learning rate")
+    p.add_argument("--run-name", help="run name (same name = resume from its last checkpoint)")
+    p.add_argument("--restart", action="store_true", default=None, help="discard the run's checkpoints, start over")
+    p.add_argument("--config", help="YAML file with MLMConfig fields")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any MLMConfig field, e.g. --set whole_word=true")
+
+
+def config_from_args(args: argparse.Namespace) -> MLMConfig:
+    overrides = parse_overrides(getattr(args, "set", None))
+    flags = {
+        "lake": args.lake, "preset": args.preset, "init": args.init, "workers": args.workers, "gpu": args.gpu,
+        "max_steps": args.max_steps, "batch_size": args.batch_size, "lr": args.lr, "run_name": args.run_name,
+        "restart": args.restart,
+    }  # fmt: skip
+    return build_config(MLMConfig, args.config, **{**overrides, **{k: v for k, v in flags.items() if v is not None}})
+
+
+def format_result(res: dict[str, Any]) -> str:
+    if not res.get("model_dir"):
+        return f"train-mlm {res.get('run_name')}: stopped at step {res.get('step')} (checkpoint {res.get('checkpoint')}); run again to resume"
+    return (
+        f"train-mlm {res['run_name']}: {res['steps']} steps, val perplexity {res['val_ppl_before']:.1f} -> "
+        f"{res['val_ppl_after']:.1f} (best step {res['best_step']}{', stopped early' if res['stopped_early'] else ''}); "
+        f"model: {res['model_dir']}"
+    )
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """``prodrep train-mlm``: train, print perplexity before/after and the model dir."""
+    res = run(config_from_args(args))
+    print(format_result(res))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m ray_train.mlm ...`` (also under ``ray job submit --``)."""
+    from common.cli import run_guarded
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    p = argparse.ArgumentParser(prog="python -m ray_train.mlm", description=__doc__.splitlines()[0])
+    configure_parser(p)
+    return run_guarded(run_from_args, p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,230 @@
+"""The evaluation harness on tiny real Delta lakes where the right answer is known."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from common.config import ConfigError, InputError, build_config
+from common.evaluation import baselines as B
+from common.evaluation.cli import EvaluateConfig, main, run
+from common.evaluation.metrics import recall_at_k
+from common.evaluation.protocol import build_context, evaluate_scores, sample_queries
+from common.lake import write_arrow
+
+GROUP = 15
+COLD = "A_NEW"
+MODEL = "toy-deadbeef"
+
+
+def _groups():
+    a = [f"A{i:02d}" for i in range(GROUP)]
+    b = [f"B{i:02d}" for i in range(GROUP)]
+    return a, b
+
+
+def _sessions():
+    """Two disjoint item groups; train sessions never mix them; 3 test sessions hold a cold item."""
+    rng = np.random.default_rng(42)
+    a, b = _groups()
+    train, test = [], []
+    for g in (a, b):
+        train.append(list(g))  # every within-group pair co-occurs at least once
+        for _ in range(40):
+            train.append(list(rng.choice(g, size=5, replace=False)))
+        for _ in range(10):
+            test.append(list(rng.choice(g, size=4, replace=False)))
+    for _ in range(3):
+        test.append([COLD, *rng.choice(a, size=3, replace=False)])
+    return train, test
+
+
+def _write_lake(lake: str, with_model: bool = True) -> None:
+    train, test = _sessions()
+    rows = [(f"s{i:03d}", s, "train", i) for i, s in enumerate(train)]
+    rows += [(f"t{i:03d}", s, "test", 1000 + i) for i, s in enumerate(test)]
+    base_us = 1_293_840_000_000_000  # 2011-01-01 UTC
+    sessions = pa.table(
+        {
+            "session_id": [r[0] for r in rows],
+            "item_ids": [[str(x) for x in r[1]] for r in rows],
+            "start_ts": pa.array([base_us + r[3] * 3_600_000_000 for r in rows], pa.int64()).cast(pa.timestamp("us", tz="UTC")),
+            "length": [len(r[1]) for r in rows],
+            "split": [r[2] for r in rows],
+        }
+    )
+    write_arrow(sessions, lake, "sessions", mode="overwrite", metadata={"job": "test"})
+    a, b = _groups()
+    words_a = ["kitchen", "apple", "mug", "plate", "spoon"]
+    words_b = ["garden", "hose", "rake", "spade", "seed"]
+    items = a + b + [COLD]
+    titles = [f"red {words_a[i % 5]} kitchen set {x.lower()}" for i, x in enumerate(a)]
+    titles += [f"green {words_b[i % 5]} garden tool {x.lower()}" for i, x in enumerate(b)]
+    titles += ["red kitchen set new"]
+    cats = ["kitchen"] * GROUP + ["garden"] * GROUP + ["kitchen"]
+    write_arrow(pa.table({"item_id": items, "title": titles, "category": cats}), lake, "catalog", mode="overwrite")
+    if with_model:
+        # a "model" that puts each group (cold item included) on its own axis
+        vec = [[1.0, 0.0] if x.startswith("A") else [0.0, 1.0] for x in items]
+        emb = pa.table(
+            {
+                "item_id": items,
+                "embedding": pa.array(vec, pa.list_(pa.float32())),
+                "dim": pa.array([2] * len(items), pa.int32()),
+                "model_version": [MODEL] * len(items),
+            }
+        )
+        write_arrow(emb, lake, "item_embeddings", mode="overwrite")
+
+
+def _cfg(lake: str, tmp_path: Path, **kw) -> EvaluateConfig:
+    kw.setdefault("methods", ("popularity", "cooc_count", "cooc_cosine", "tfidf", MODEL))
+    return build_config(
+        EvaluateConfig, lake=lake, report_dir=str(tmp_path / "report"), json_file=str(tmp_path / "out.json"), progress=False, **kw
+    )
+
+
+def _context(seed: int = 0):
+    train, test = _sessions()
+    texts = {x: f"text {x}" for s in train + test for x in s}
+    return build_context(train, test, [f"t{i:03d}" for i in range(len(test))], texts, seed=seed)
+
+
+def test_sample_queries_protocol():
+    sessions = [["x"], [f"L{i}" for i in range(51)], ["a", "b", "a", "c"]] + [[f"s{j}_{i}" for i in range(8)] for j in range(10)]
+    pool = sample_queries(sessions, seed=0, per_session=5, max_queries=1000)
+    by_session = {}
+    for pos, q, targets in pool:
+        by_session.setdefault(pos, []).append(q)
+        assert q not in targets and set(targets) | {q} == set(sessions[pos])
+    assert 0 not in by_session and 1 not in by_session  # 1 item and 51 items are out of 2..50
+    assert sorted(by_session[2]) == ["a", "b", "c"]  # distinct items: 3 (< 5) queries
+    assert all(len(by_session[p]) == 5 for p in range(3, 13))
+    capped = sample_queries(sessions, seed=0, per_session=5, max_queries=20)
+    assert len(capped) == 20 and len({(p, q) for p, q, _ in capped}) == 20
+    assert all(c in pool for c in capped)
+
+
+def test_determinism_same_seed_same_queries_and_numbers():
+    c1, c2, c3 = _context(0), _context(0), _context(1)
+    assert np.array_equal(c1.queries.query, c2.queries.query)
+    assert (c1.queries.targets != c2.queries.targets).nnz == 0
+    assert np.array_equal(c1.items, c2.items)
+    m1, m2 = B.Cooccurrence(c1, "cosine"), B.Cooccurrence(c2, "cosine")
+    h1 = evaluate_scores(c1, m1.score, depth=20, batch_size=7, progress=False)
+    h2 = evaluate_scores(c2, m2.score, depth=20, batch_size=64, progress=False)  # batch size is irrelevant
+    assert np.array_equal(h1, h2)
+    # a different seed draws different queries from the same sessions (sessions of 4 items: query
+    # sets are equal, but the cap isn't hit, so compare the drawn order)
+    assert not np.array_equal(c1.queries.query, c3.queries.query)
+
+
+def test_tie_break_order_and_cold_fallback():
+    ctx = _context()
+    # universe ordered by train popularity desc, then item id
+    key = [(-p, i) for p, i in zip(ctx.popularity, ctx.items)]
+    assert key == sorted(key)
+    cold_rows = np.flatnonzero(ctx.cold)
+    assert len(cold_rows) == 3
+    cooc = B.Cooccurrence(ctx, "count")
+    from common.evaluation.protocol import top_k
+
+    q = ctx.queries.query[cold_rows]
+    ranked = top_k(cooc.score(q), q, ctx.is_candidate, 5)
+    # a cold query has no co-occurrence: its ranking is the popularity order
+    assert ranked.tolist() == [[0, 1, 2, 3, 4]] * 3
+
+
+def test_cooc_reaches_full_recall_within_group():
+    ctx = _context()
+    hits = evaluate_scores(ctx, B.Cooccurrence(ctx, "count").score, depth=20, progress=False)
+    r20 = recall_at_k(hits, ctx.queries.n_targets, 20)
+    has_cold = np.array([ctx.index[COLD] in ctx.queries.targets[i].indices for i in range(len(r20))])
+    clean = ~has_cold & ~ctx.cold
+    assert clean.sum() == 80
+    # the 14 other group members all co-occur with the query, the other group never does
+    assert np.all(r20[clean] == 1.0)
+    pop = evaluate_scores(ctx, B.Popularity(ctx).score, depth=20, progress=False)
+    assert recall_at_k(pop, ctx.queries.n_targets, 20)[clean].mean() < 0.9
+
+
+def test_harness_on_tiny_lake(lake, tmp_path):
+    _write_lake(lake)
+    res = run(_cfg(lake, tmp_path))
+    ds = res["dataset"]
+    # 23 test sessions of 4 distinct items: every item is a query (4 <= 5 per session)
+    assert ds["queries"] == 92 and ds["cold_queries"] == 3
+    # cold targets: in the 3 cold sessions, each of the 3 warm queries has the cold item as a target
+    assert ds["cold_target_share"] == pytest.approx(9 / (92 * 3))
+    bc = res["basket_completion"]
+    assert set(bc) == {"popularity", "cooc_count", "cooc_cosine", "tfidf", MODEL}
+    for m in bc.values():
+        assert set(m) == {"recall@10", "recall@20", "ndcg@10", "cold_recall@20", "queries", "cold_queries"}
+    # the group-axis model ranks the 15 same-group items (cold one included) first
+    assert bc[MODEL]["recall@20"] == 1.0 and bc[MODEL]["cold_recall@20"] == 1.0
+    # the cold item's title shares "red kitchen set" with group A only
+    assert bc["tfidf"]["cold_recall@20"] == 1.0
+    assert bc["cooc_count"]["recall@20"] > bc["popularity"]["recall@20"]
+    assert res["probe"]["tfidf"]["accuracy"] == 1.0 and res["probe"]["tfidf"]["classes"] == 2
+    assert res["probe"][MODEL]["items"] == 2 * GROUP  # the cold item is in no train session
+    assert res["perplexity"] == {}
+    out = json.loads((tmp_path / "out.json").read_text())
+    assert set(out) == {"dataset", "basket_completion", "probe", "perplexity"}
+    assert out["basket_completion"] == bc
+    rep = tmp_path / "report"
+    for f in ("report.md", "metrics.json", "recall_at_k.png", "projection.png"):
+        assert (rep / f).stat().st_size > 0, f
+    md = (rep / "report.md").read_text()
+    assert "| cooc_count |" in md and MODEL in md
+    metrics = json.loads((rep / "metrics.json").read_text())
+    assert len(metrics["details"]["recall_curves"]["cooc_count"]["overall"]) == 30  # K = 1..(31 candidates - the query)
+    # same config, same lake -> identical numbers
+    again = run(_cfg(lake, tmp_path))
+    assert again == res
+
+
+def test_cli_entry_and_errors(lake, tmp_path, capsys):
+    with pytest.raises(InputError, match="sessions"):
+        run(_cfg(lake, tmp_path))
+    _write_lake(lake, with_model=False)
+    with pytest.raises(ConfigError, match="unknown method"):
+        run(_cfg(lake, tmp_path, methods=("nope",)))
+    with pytest.raises(ConfigError, match="pseudo_val_fraction"):
+        _cfg(lake, tmp_path, pseudo_val_fraction=1.5)
+    rc = main(["--lake", lake, "--report", str(tmp_path / "r2"), "--methods", "popularity,cooc_cosine", "--set", "progress=false"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "cooc_cosine" in printed and "report.md" in printed
+
+
+def test_item2vec_tiny_deterministic_and_tuned_on_pseudo_val(lake, tmp_path):
+    pytest.importorskip("gensim")
+    train, _ = _sessions()
+    p = B.Item2VecParams(epochs=1)
+    v1, x1 = B.fit_item2vec(train, p, seed=0, workers=1, min_count=1, vector_size=8)
+    v2, x2 = B.fit_item2vec(train, p, seed=0, workers=1, min_count=1, vector_size=8)
+    assert v1 == v2 and np.array_equal(x1, x2)
+    _write_lake(lake, with_model=False)
+    res = run(
+        _cfg(
+            lake,
+            tmp_path,
+            methods=("item2vec_default", "item2vec_tuned"),
+            item2vec_epochs=(1,),
+            item2vec_ns_exponents=(-0.5, 0.75),
+            item2vec_samples=(1e-3,),
+            item2vec_workers=1,
+            item2vec_min_count=1,
+        )
+    )
+    bc = res["basket_completion"]
+    assert set(bc) == {"item2vec_default", "item2vec_tuned"}
+    # item2vec cannot place the cold item: cold queries fall back to popularity order
+    metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    i2v = metrics["details"]["item2vec"]
+    assert i2v["val_source"].startswith("pseudo-val") and len(i2v["grid"]) == 2
+    assert bc["item2vec_tuned"]["cold_queries"] == 3
