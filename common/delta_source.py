@@ -202,7 +202,8 @@ class DeltaReader(DataSourceReader):
         dt = DeltaTable(self.options["path"], version=self.version, storage_options=_storage(self.options))
         part_cols = set(dt.metadata().partition_columns)
         for f in filters:
-            col = f.attribute[0] if len(f.attribute) == 1 else None
+            attribute = getattr(f, "attribute", None)  # Not/And/Or carry child filters, no attribute
+            col = attribute[0] if attribute and len(attribute) == 1 else None
             if col in part_cols and isinstance(f, EqualTo):
                 self.partition_filters.append((col, "=", _partition_string(f.value)))
             elif col in part_cols and isinstance(f, In):

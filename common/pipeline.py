@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import logging
 import time
-from dataclasses import replace
 from typing import Any, Callable
 
 from common.config import build_config, parse_overrides
@@ -79,5 +78,126 @@ def run_from_args(args: argparse.Namespace) -> int:
     return 0
 
 
-# Stage runners: (spark, lake, args) -> None; each prints what the demo shows for its stage.
-STAGE_RUNNERS: dict[str, Callable[[Any, str, argparse.Namespace], None]] = {}
+# ------------------------------------------------------------------------------------- stage runners
+# Each: (spark, lake, args) -> None, printing what the demo shows for its stage. Models trained by the
+# pipeline are remembered in _STATE so later stages (embed, evaluate) apply them.
+_STATE: dict[str, Any] = {"models": {}}
+DEMO_ITEMS = ("WHITE HANGING HEART T-LIGHT HOLDER", "REGENCY CAKESTAND 3 TIER", "JUMBO BAG RED RETROSPOT")
+
+
+def _sessions(spark, lake: str, args: argparse.Namespace) -> None:
+    from spark_jobs import sessions
+
+    cfg = build_config(sessions.SessionsConfig, None, lake=lake, test_from=args.test_from, val_from=args.val_from,
+                       val_fraction=0.0 if args.test_from and not args.val_from else None)
+    print(sessions.format_summary(sessions.run(spark, cfg)))
+
+
+def _cooccur(spark, lake: str, args: argparse.Namespace) -> None:
+    from spark_jobs import cooccurrence
+
+    cfg = build_config(cooccurrence.CooccurrenceConfig, None, lake=lake)
+    print(cooccurrence.format_summary(cooccurrence.run(spark, cfg)))
+    for query in DEMO_ITEMS[:1]:
+        try:
+            print(cooccurrence.format_top(cooccurrence.top_cooccurring(spark, lake, query, k=5), query))
+        except Exception as e:  # an item missing from a user's own dataset is not a failure
+            print(f"(no co-occurrence for {query!r}: {e})")
+
+
+def _tokenize(spark, lake: str, args: argparse.Namespace) -> None:
+    from spark_jobs import tokenize
+
+    cfg = build_config(tokenize.TokenizeConfig, None, lake=lake)
+    print(tokenize.format_summary(tokenize.run(spark, cfg)))
+
+
+def _train_mlm(spark, lake: str, args: argparse.Namespace) -> None:
+    from ray_train import mlm
+
+    cfg = build_config(mlm.MLMConfig, None, lake=lake, preset="small", max_steps=200, run_name="mlm-demo",
+                       restart=True, workers=args.workers or 2, gpu=args.gpu or None)
+    res = mlm.run(cfg)
+    print(mlm.format_result(res))
+    _STATE["models"]["mlm"] = res["model_dir"]
+
+
+def _train_items(spark, lake: str, args: argparse.Namespace) -> None:
+    from ray_train import items
+
+    for kind in ("id", "fusion"):
+        cfg = build_config(items.ItemsConfig, None, lake=lake, kind=kind, run_name=f"items-{kind}",
+                           workers=args.workers or 2, gpu=args.gpu or None)
+        res = items.run(cfg)
+        print(items.format_result(res))
+        _STATE["models"][kind] = res["model_dir"]
+        try:
+            shown = items.neighbours_by_title(res["model_dir"], lake, DEMO_ITEMS, k=5)
+            for title, rows in shown.items():
+                print(f"  {title}:")
+                for _, n_title, score in rows:
+                    print(f"      {score:6.3f}  {n_title}")
+        except Exception as e:  # titles absent from a user's own dataset
+            print(f"(neighbour preview skipped: {e})")
+
+
+def _model_dirs(lake: str) -> list[str]:
+    """Models trained in this run, else every exported model in the lake."""
+    if _STATE["models"]:
+        return list(_STATE["models"].values())
+    from pathlib import Path
+
+    from common import lake as L
+
+    root = Path(L.artefact_dir(lake, "models"))
+    return sorted(str(p.parent) for p in root.glob("*/prodrep.json"))
+
+
+def _embed(spark, lake: str, args: argparse.Namespace) -> None:
+    from spark_jobs import embed_catalog
+
+    # fusion last: the latest embedding write is what `neighbors` and `similar` use by default
+    dirs = sorted(_model_dirs(lake), key=lambda d: "fusion" in d)
+    for model_dir in dirs:
+        cfg = build_config(embed_catalog.EmbedConfig, None, lake=lake, model=model_dir)
+        print(embed_catalog.format_summary(embed_catalog.run(spark, cfg)))
+
+
+def _neighbors(spark, lake: str, args: argparse.Namespace) -> None:
+    from spark_jobs import lookup, neighbors
+
+    cfg = build_config(neighbors.NeighborsConfig, None, lake=lake)
+    summary = neighbors.run(spark, cfg)
+    print(neighbors.format_summary(summary) if hasattr(neighbors, "format_summary") else summary)
+    from common import lake as L
+
+    catalog = L.read_pandas(lake, "catalog", columns=["item_id", "title"])
+    for title in DEMO_ITEMS[:2]:
+        match = catalog[catalog.title == title]
+        if match.empty:
+            continue
+        rows, query_title, version = lookup.similar(lake, match.item_id.iloc[0], k=5)
+        print(f"\nprodrep similar {match.item_id.iloc[0]}  ({query_title}; model {version})")
+        print(lookup.format_rows(rows))
+    rows, version = lookup.search(lake, "christmas lights", k=5)
+    print(f'\nprodrep search "christmas lights"  (model {version})')
+    print(lookup.format_rows(rows))
+
+
+def _evaluate(spark, lake: str, args: argparse.Namespace) -> None:
+    from common.evaluation import cli as evaluation
+
+    cfg = build_config(evaluation.EvaluateConfig, None, lake=lake, report_dir=args.report or "")
+    evaluation.run(cfg)
+
+
+STAGE_RUNNERS: dict[str, Callable[[Any, str, argparse.Namespace], None]] = {
+    "sessions": _sessions,
+    "cooccur": _cooccur,
+    "tokenize": _tokenize,
+    "train-mlm": _train_mlm,
+    "train-items": _train_items,
+    "embed": _embed,
+    "neighbors": _neighbors,
+    "evaluate": _evaluate,
+}

@@ -174,3 +174,12 @@ def test_missing_table_is_a_clear_error(spark, lake):
 
     with pytest.raises(InputError, match="lake table 'sessions' not found"):
         L.read_spark(spark, lake, "sessions")
+
+
+def test_filters_spark_keeps_are_still_applied(spark, lake):
+    rows = [dict(ROWS["sessions"][0], session_id=f"s{i}", split=s) for i, s in enumerate(["train", "val", "test", "test"])]
+    L.write_spark(_df(spark, "sessions", rows), lake, "sessions", "overwrite", {})
+    df = L.read_spark(spark, lake, "sessions")
+    got = df.where("split IS NOT NULL AND NOT split IN ('test') AND length > 1 AND session_id <> 's0'")
+    assert [r.session_id for r in got.collect()] == ["s1"]
+    assert sorted(r.session_id for r in df.where("split IN ('train', 'val')").collect()) == ["s0", "s1"]

@@ -1,0 +1,405 @@
+"""train sessions -> item-item co-occurrence matrix (``cooccurrence`` table).
+
+For every pair of distinct items (a, b) seen together in at least ``min_count`` **train** sessions
+(val/test sessions are never read: no leakage into behavioural signals) the table stores both orders
+(a, b) and (b, a) with:
+
+- ``count``  = train sessions containing both (after the cap below);
+- ``weight`` = sum over those sessions of 1 / (m - 1), m = the session's item count after the cap;
+- ``freq_a``/``freq_b`` = train sessions containing the item (after the cap, so the marginals and the
+  joint counts describe the same data and ``cosine <= 1``);
+- ``cosine`` = count / sqrt(freq_a * freq_b); ``ppmi`` = max(0, ln(count * N / (freq_a * freq_b))),
+  N = number of train sessions (all lengths, including single-item ones);
+- ``bucket`` = pmod(hash(item_a), n_buckets) (Spark's murmur3 ``hash``), the partition column.
+
+**Session cap** (pairs grow quadratically; Online Retail has a 1,114-item basket): a session with more
+than ``max_session_items`` distinct items keeps the ``max_session_items`` items with the smallest
+``sha256(session_id + "\\x1f" + item_id)`` (hex) -- a deterministic pseudo-random sample that any
+language can reproduce. Pairs removed by the cap are reported as **ordered** pairs:
+sum over capped sessions of n(n-1) - m(m-1) (halve it for unordered pairs).
+``max_session_items=0`` disables the cap.
+
+**Optional top-K** per item_a (``top_k > 0``): keep the K partners with the highest count, then cosine,
+then smallest item_b. The table is then no longer symmetric (b may be in a's top-K but not vice versa).
+
+**Skew.** Work is keyed by the pair (a, b), never by a single item, wherever it is heavy:
+sessions are first spread over tasks by a hash of session_id (one big input file or one huge session
+must not pin the explode to one task; the cap bounds a session's cost to cap^2/2 pairs); each session
+emits only a < b pairs (half the shuffle); the aggregation is hash-partitioned on (a, b) with map-side
+partial aggregation, so a hot item's pairs spread over all reducers by their partner; item frequencies
+are joined by broadcast (no shuffle keyed by the hot item); top-K runs in two stages, first per
+(item_a, salt = pmod(hash(item_b), salt_buckets)) and then per item_a over at most
+salt_buckets * K rows, so no task ranks all partners of a hot item alone.
+
+Run: ``prodrep cooccur --lake L [--max-session-items 100] [--min-count 2] [--top-k K]`` or
+``spark-submit spark_jobs/cooccurrence.py --lake L ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import logging
+import sys
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from common.config import ConfigError, InputError, JobConfig, build_config, parse_overrides
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pyspark.sql import Column, DataFrame, SparkSession
+
+log = logging.getLogger(__name__)
+
+JOB = "cooccurrence"
+CAP_SEPARATOR = "\x1f"
+CAP_RULE = (
+    "sessions with more than max_session_items distinct items keep the max_session_items items with the "
+    "smallest sha256(session_id + '\\x1f' + item_id) hex digest; weight uses the kept count m"
+)
+
+
+@dataclass(frozen=True)
+class CooccurrenceConfig(JobConfig):
+    """Options of the co-occurrence job."""
+
+    max_session_items: int = 100
+    min_count: int = 2
+    top_k: int = 0
+    n_buckets: int = 16
+    salt_buckets: int = 8
+    broadcast_items_max: int = 2_000_000
+    explode_partitions: int = 0
+
+    def validate(self) -> None:
+        super().validate()
+        if self.max_session_items == 1 or self.max_session_items < 0:
+            raise ConfigError(f"max_session_items={self.max_session_items}: use 0 (no cap) or >= 2 (e.g. 100)")
+        if self.min_count < 1:
+            raise ConfigError(f"min_count={self.min_count} must be >= 1 (e.g. --min-count 2)")
+        if self.top_k < 0:
+            raise ConfigError(f"top_k={self.top_k} must be >= 0 (0 keeps every pair)")
+        if self.n_buckets < 1 or self.salt_buckets < 1:
+            raise ConfigError("n_buckets and salt_buckets must be >= 1 (defaults 16 and 8)")
+        if self.explode_partitions < 0:
+            raise ConfigError("explode_partitions must be >= 0 (0 = spark.sql.shuffle.partitions)")
+
+
+# ------------------------------------------------------------------------------------------ transforms
+def train_baskets(sessions: "DataFrame") -> "DataFrame":
+    """Train sessions only -> (session_id, items, n): distinct items, n = their count."""
+    from pyspark.sql import functions as F
+
+    missing = [c for c in ("session_id", "item_ids", "split") if c not in sessions.columns]
+    if missing:
+        raise InputError(f"sessions table lacks column(s) {missing}; re-run `prodrep sessions`")
+    return (
+        sessions.filter(F.col("split") == "train")
+        .select("session_id", F.array_distinct(F.filter("item_ids", lambda x: x.isNotNull())).alias("items"))
+        .withColumn("n", F.size("items"))
+    )
+
+
+def cap_key(session_id: "Column", item: "Column") -> "Column":
+    """The cap's sort key: sha256 hex of session_id + '\\x1f' + item_id (reproducible outside Spark)."""
+    from pyspark.sql import functions as F
+
+    return F.sha2(F.concat(session_id, F.lit(CAP_SEPARATOR), item), 256)
+
+
+def cap_sessions(baskets: "DataFrame", max_items: int) -> "DataFrame":
+    """Apply the session cap: adds ``kept`` (items after the cap) and ``m`` (their count).
+
+    ``max_items=0`` keeps everything.
+    """
+    from pyspark.sql import functions as F
+
+    if max_items <= 0:
+        return baskets.withColumn("kept", F.col("items")).withColumn("m", F.col("n"))
+    keyed = F.transform("items", lambda x: F.struct(cap_key(F.col("session_id"), x).alias("h"), x.alias("item")))
+    sampled = F.transform(F.slice(F.array_sort(keyed), 1, max_items), lambda s: s["item"])
+    return baskets.withColumn("kept", F.when(F.col("n") > max_items, sampled).otherwise(F.col("items"))).withColumn(
+        "m", F.size("kept")
+    )
+
+
+def cap_stats(capped: "DataFrame") -> dict[str, int]:
+    """Train sessions, sessions capped, and ordered pairs removed by the cap (one driver aggregation)."""
+    from pyspark.sql import functions as F
+
+    n, m = F.col("n").cast("long"), F.col("m").cast("long")
+    row = capped.agg(
+        F.count("*").alias("sessions"),
+        F.sum(F.when(n > m, 1).otherwise(0)).alias("capped"),
+        F.sum(n * (n - 1) - m * (m - 1)).alias("removed"),
+        F.sum(m * (m - 1)).alias("ordered_pairs"),
+        F.max("n").alias("max_n"),
+    ).collect()[0]
+    return {
+        "train_sessions": int(row.sessions or 0),
+        "sessions_capped": int(row.capped or 0),
+        "pairs_removed_by_cap": int(row.removed or 0),
+        "ordered_pair_occurrences": int(row.ordered_pairs or 0),
+        "max_session_items_seen": int(row.max_n or 0),
+    }
+
+
+def item_frequencies(capped: "DataFrame") -> "DataFrame":
+    """(item, freq): train sessions containing the item, after the cap."""
+    from pyspark.sql import functions as F
+
+    return capped.select(F.explode("kept").alias("item")).groupBy("item").agg(F.count("*").alias("freq"))
+
+
+def pair_counts(capped: "DataFrame", partitions: int | None = None) -> "DataFrame":
+    """Unordered pairs (a < b) -> count, weight = sum of 1/(m-1) over the sessions containing both."""
+    from pyspark.sql import functions as F
+
+    multi = capped.filter(F.col("m") >= 2)
+    if partitions:
+        # Spread sessions (not items) over tasks before the quadratic explode.
+        multi = multi.repartition(partitions, F.xxhash64("session_id"))
+    # Two generators instead of nested lambdas (which Spark interprets row by row): item i of the
+    # sorted basket pairs with the items after it, so each unordered pair is emitted once as (a < b).
+    srt = multi.select((F.lit(1.0) / (F.col("m") - 1)).alias("w"), "m", F.array_sort("kept").alias("srt"))
+    firsts = srt.select("w", "m", "srt", F.posexplode("srt").alias("i", "a"))
+    exploded = firsts.select("w", "a", F.explode(F.slice("srt", F.col("i") + 2, F.col("m") - F.col("i") - 1)).alias("b"))
+    return exploded.groupBy("a", "b").agg(F.count("*").alias("count"), F.sum("w").alias("weight"))
+
+
+def score_pairs(
+    pairs: "DataFrame", freqs: "DataFrame", n_sessions: int, min_count: int, broadcast: bool = True
+) -> "DataFrame":
+    """min-support filter, both orders, freq_a/freq_b, cosine and PPMI."""
+    from pyspark.sql import functions as F
+
+    kept = pairs.filter(F.col("count") >= min_count)
+    both = kept.select(F.col("a").alias("item_a"), F.col("b").alias("item_b"), "count", "weight").unionByName(
+        kept.select(F.col("b").alias("item_a"), F.col("a").alias("item_b"), "count", "weight")
+    )
+    fa = freqs.select(F.col("item").alias("item_a"), F.col("freq").alias("freq_a"))
+    fb = freqs.select(F.col("item").alias("item_b"), F.col("freq").alias("freq_b"))
+    if broadcast:
+        fa, fb = F.broadcast(fa), F.broadcast(fb)
+    joined = both.join(fa, "item_a").join(fb, "item_b")
+    c = F.col("count").cast("double")
+    denom = F.col("freq_a").cast("double") * F.col("freq_b").cast("double")
+    return joined.select(
+        "item_a",
+        "item_b",
+        "count",
+        "weight",
+        "freq_a",
+        "freq_b",
+        (c / F.sqrt(denom)).alias("cosine"),
+        F.greatest(F.lit(0.0), F.log(c * F.lit(float(n_sessions)) / denom)).alias("ppmi"),
+    )
+
+
+def top_k_per_item(scored: "DataFrame", k: int, salt_buckets: int = 8) -> "DataFrame":
+    """Keep each item_a's k best partners (count desc, cosine desc, item_b asc), in two salted stages."""
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    if k <= 0:
+        return scored
+    order = [F.col("count").desc(), F.col("cosine").desc(), F.col("item_b").asc()]
+    salted = scored.withColumn("_salt", F.pmod(F.hash("item_b"), F.lit(salt_buckets)))
+    stage1 = salted.withColumn("_r", F.row_number().over(Window.partitionBy("item_a", "_salt").orderBy(*order))).filter(
+        F.col("_r") <= k
+    )
+    stage2 = stage1.withColumn("_r", F.row_number().over(Window.partitionBy("item_a").orderBy(*order))).filter(
+        F.col("_r") <= k
+    )
+    return stage2.drop("_r", "_salt")
+
+
+def add_bucket(df: "DataFrame", n_buckets: int) -> "DataFrame":
+    """bucket = pmod(hash(item_a), n_buckets)."""
+    from pyspark.sql import functions as F
+
+    return df.withColumn("bucket", F.pmod(F.hash("item_a"), F.lit(n_buckets)).cast("int"))
+
+
+def cooccurrence(sessions: "DataFrame", cfg: CooccurrenceConfig) -> tuple["DataFrame", dict[str, Any]]:
+    """sessions -> (cooccurrence rows, stats). Runs two small driver aggregations (cap stats, item count)."""
+    return cooccurrence_from_capped(cap_sessions(train_baskets(sessions), cfg.max_session_items), cfg)
+
+
+def cooccurrence_from_capped(capped: "DataFrame", cfg: CooccurrenceConfig) -> tuple["DataFrame", dict[str, Any]]:
+    """Capped train baskets (see :func:`cap_sessions`) -> (cooccurrence rows, stats). ``capped`` is read
+    three times (stats, frequencies, pairs): persist it when it is expensive to recompute."""
+    spark = capped.sparkSession
+    stats = cap_stats(capped)
+    freqs = item_frequencies(capped)
+    n_items = freqs.count()
+    parts = cfg.explode_partitions or int(spark.conf.get("spark.sql.shuffle.partitions", "200"))
+    pairs = pair_counts(capped, parts)
+    scored = score_pairs(pairs, freqs, stats["train_sessions"], cfg.min_count, broadcast=n_items <= cfg.broadcast_items_max)
+    out = add_bucket(top_k_per_item(scored, cfg.top_k, cfg.salt_buckets), cfg.n_buckets)
+    stats["train_items"] = int(n_items)
+    return out, stats
+
+
+# -------------------------------------------------------------------------------------------------- job
+def run(spark: "SparkSession", cfg: CooccurrenceConfig) -> dict[str, Any]:
+    """Build the ``cooccurrence`` table from train sessions (overwrite: one Delta commit)."""
+    from pyspark import StorageLevel
+    from pyspark.sql import functions as F
+
+    from common import lake as L
+
+    inputs = L.input_versions(cfg.lake, ["sessions"])
+    sessions = L.read_spark(spark, cfg.lake, "sessions", version=inputs["sessions"]).filter(F.col("split") == "train")
+    capped = cap_sessions(train_baskets(sessions), cfg.max_session_items).persist(StorageLevel.MEMORY_AND_DISK)
+    out, stats = cooccurrence_from_capped(capped, cfg)
+    if stats["train_sessions"] == 0:
+        capped.unpersist()
+        raise InputError("sessions has no train sessions: check the split options of `prodrep sessions`")
+    # One file per bucket; persisted so the row count and the write share one computation.
+    out = out.repartition(cfg.n_buckets, "bucket").persist(StorageLevel.MEMORY_AND_DISK)
+    try:
+        pairs_written = out.count()
+        meta = L.job_metadata(
+            JOB,
+            cfg,
+            inputs=inputs,
+            cap_rule=CAP_RULE if cfg.max_session_items else "no cap",
+            max_session_items=cfg.max_session_items,
+            pairs_removed_by_cap=stats["pairs_removed_by_cap"],
+            pairs_removed_unit="ordered pairs (sum over capped sessions of n(n-1) - m(m-1))",
+            sessions_capped=stats["sessions_capped"],
+            n_train_sessions=stats["train_sessions"],
+            n_train_items=stats["train_items"],
+            min_count=cfg.min_count,
+            top_k=cfg.top_k or None,
+            pairs_written=pairs_written,
+            n_buckets=cfg.n_buckets,
+            bucket_rule=f"pmod(hash(item_a), {cfg.n_buckets}) with Spark's murmur3 hash",
+        )
+        version = L.write_spark(out, cfg.lake, "cooccurrence", mode="overwrite", metadata=meta)
+    finally:
+        out.unpersist()
+        capped.unpersist()
+    return {"table": "cooccurrence", "version": version, "pairs_written": pairs_written, **stats}
+
+
+def _norm_title(text: Any) -> str:
+    from common.text import normalize
+
+    return normalize(text).casefold()
+
+
+def top_cooccurring(spark: "SparkSession | None", lake: str, title_or_item: str, k: int = 5, by: str = "count") -> list[dict[str, Any]]:
+    """The ``k`` items most co-occurring with an item given by item_id or title (case-insensitive).
+
+    When several items share the title, the one in most train sessions is used. ``by`` is the ranking
+    column (count, weight, cosine or ppmi; ties by count, cosine, item id). Reads with Spark when a
+    session is given, else with delta-rs on the driver. Returns dicts with item_id, title and scores.
+    """
+    import pandas as pd
+
+    from common import lake as L
+
+    if by not in ("count", "weight", "cosine", "ppmi"):
+        raise ConfigError(f"by={by!r}: use count, weight, cosine or ppmi")
+    catalog = L.read_pandas(lake, "catalog", columns=["item_id", "title"])
+    titles = dict(zip(catalog.item_id, catalog.title))
+    if title_or_item in titles:
+        candidates = [title_or_item]
+    else:
+        want = _norm_title(title_or_item)
+        candidates = [i for i, t in titles.items() if _norm_title(t) == want]
+    if not candidates:
+        close = difflib.get_close_matches(title_or_item.upper(), [str(t).upper() for t in titles.values()], n=3)
+        raise InputError(f"no catalog item with id or title {title_or_item!r}; close titles: {close}")
+
+    cols = ["item_a", "item_b", "count", "weight", "freq_a", "cosine", "ppmi"]
+    if spark is not None:
+        from pyspark.sql import functions as F
+
+        df = L.read_spark(spark, lake, "cooccurrence").filter(F.col("item_a").isin(candidates)).select(*cols)
+        rows = df.toPandas()
+    else:
+        rows = L.read_pandas(lake, "cooccurrence", columns=cols, filters=[("item_a", "in", candidates)])
+    if rows.empty:
+        return []
+    anchor = rows.sort_values(["freq_a", "item_a"], ascending=[False, True]).item_a.iloc[0]
+    rows = rows[rows.item_a == anchor]
+    keys = [by] + [c for c in ("count", "cosine") if c != by]
+    rows = rows.sort_values(keys + ["item_b"], ascending=[False] * len(keys) + [True]).head(k)
+    return [
+        {
+            "query_item": anchor,
+            "item_id": r.item_b,
+            "title": titles.get(r.item_b),
+            "count": int(r["count"]),
+            "weight": float(r.weight),
+            "cosine": float(r.cosine),
+            "ppmi": float(r.ppmi),
+        }
+        for _, r in pd.DataFrame(rows).iterrows()
+    ]
+
+
+def configure_parser(p: argparse.ArgumentParser) -> None:
+    """CLI flags of ``prodrep cooccur``."""
+    p.add_argument("--lake", default=None, help="lake root (local path or object-store URI)")
+    p.add_argument("--config", default=None, help="YAML file with CooccurrenceConfig fields")
+    p.add_argument("--max-session-items", type=int, default=None, help="session cap (default 100, 0 = none)")
+    p.add_argument("--min-count", type=int, default=None, help="minimum sessions per pair (default 2)")
+    p.add_argument("--top-k", type=int, default=None, help="keep the K best partners per item (default 0 = all)")
+    p.add_argument("--n-buckets", type=int, default=None, help="partition buckets of item_a (default 16)")
+    p.add_argument("--show", default=None, metavar="TITLE_OR_ID", help="print the top items co-occurring with it")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config field, repeatable")
+
+
+def config_from_args(args: argparse.Namespace) -> CooccurrenceConfig:
+    overrides = parse_overrides(args.set)
+    for k in ("lake", "max_session_items", "min_count", "top_k", "n_buckets"):
+        if getattr(args, k, None) is not None:
+            overrides[k] = getattr(args, k)
+    return build_config(CooccurrenceConfig, args.config, **overrides)
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    return (
+        f"cooccurrence v{summary['version']}: {summary['pairs_written']:,} pairs written (both orders) from "
+        f"{summary['train_sessions']:,} train sessions / {summary['train_items']:,} items; cap removed "
+        f"{summary['pairs_removed_by_cap']:,} ordered pairs in {summary['sessions_capped']:,} sessions "
+        f"(largest session {summary['max_session_items_seen']:,} items)"
+    )
+
+
+def format_top(rows: list[dict[str, Any]], query: str) -> str:
+    lines = [f"top {len(rows)} co-occurring with {query!r}" + (f" ({rows[0]['query_item']})" if rows else ": none")]
+    for r in rows:
+        lines.append(f"  {r['item_id']:>10}  {str(r['title'])[:40]:40}  count={r['count']:>5}  cosine={r['cosine']:.3f}  ppmi={r['ppmi']:.2f}")
+    return "\n".join(lines)
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    from common.spark import get_spark
+
+    cfg = config_from_args(args)
+    spark = get_spark("prodrep-cooccur")
+    print(format_summary(run(spark, cfg)))
+    if args.show:
+        print(format_top(top_cooccurring(spark, cfg.lake, args.show), args.show))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """spark-submit entry point."""
+    from common.cli import run_guarded
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    p = argparse.ArgumentParser(prog="cooccurrence", description=__doc__.splitlines()[0])
+    configure_parser(p)
+    return run_guarded(run_from_args, p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    from spark_jobs.cooccurrence import main as _main  # run the importable module, not __main__
+
+    sys.exit(_main())

@@ -1,0 +1,145 @@
+"""Co-occurrence transforms: exact agreement with a pure-Python Counter reference (cap off and on),
+symmetry, buckets, top-K. The end-to-end run through the lake (and the leakage check) is in
+tests/test_sessions.py::test_lake_round_trip_without_leakage."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+from collections import Counter, defaultdict
+from itertools import permutations
+
+import pytest
+
+from spark_jobs import cooccurrence as C
+
+
+def make_sessions(n: int = 22, seed: int = 7) -> list[tuple[str, list[str], str]]:
+    """Small sessions with a hot item, duplicates inside sessions, singletons and two big sessions."""
+    rng = random.Random(seed)
+    pool = [f"i{k:02d}" for k in range(14)]
+    out = []
+    for s in range(n):
+        size = rng.choice([1, 2, 3, 3, 4, 5, 6, 8])
+        items = ["hot"] + rng.sample(pool, size) if rng.random() < 0.6 else rng.sample(pool, size)
+        items.append(items[0])  # a repeated item must count once
+        split = "train" if s % 5 else ("val" if s % 10 else "test")
+        out.append((f"s{s:02d}", items, split))
+    out.append(("big1", ["hot", *pool], "train"))
+    out.append(("big2", list(reversed(pool[:11])), "train"))
+    out.append(("heldout", ["only_test_a", "only_test_b", "hot"], "test"))
+    out.append(("heldout2", ["only_test_a", "only_test_b"], "val"))
+    return out
+
+
+def reference(sessions, cap: int, min_count: int):
+    """The co-occurrence table computed with Counter, straight from the documented definitions."""
+    kept = []
+    removed = 0
+    for sid, items, split in sessions:
+        if split != "train":
+            continue
+        items = list(dict.fromkeys(items))
+        n = len(items)
+        if cap and n > cap:
+            items = sorted(items, key=lambda x: hashlib.sha256(f"{sid}\x1f{x}".encode()).hexdigest())[:cap]
+        m = len(items)
+        removed += n * (n - 1) - m * (m - 1)
+        kept.append(items)
+    n_sessions = len(kept)
+    freq = Counter(i for items in kept for i in items)
+    count: Counter = Counter()
+    weight: dict = defaultdict(float)
+    for items in kept:
+        for a, b in permutations(items, 2):
+            count[a, b] += 1
+            weight[a, b] += 1.0 / (len(items) - 1)
+    rows = {}
+    for (a, b), c in count.items():
+        if c < min_count:
+            continue
+        fa, fb = freq[a], freq[b]
+        rows[a, b] = {
+            "count": c,
+            "weight": weight[a, b],
+            "freq_a": fa,
+            "freq_b": fb,
+            "cosine": c / math.sqrt(fa * fb),
+            "ppmi": max(0.0, math.log(c * n_sessions / (fa * fb))),
+        }
+    return rows, removed, n_sessions
+
+
+def to_df(spark, sessions):
+    return spark.createDataFrame(
+        [(sid, items, split) for sid, items, split in sessions], "session_id string, item_ids array<string>, split string"
+    )
+
+
+def compute(spark, sessions, **kw):
+    cfg = C.CooccurrenceConfig(lake="unused", explode_partitions=2, **kw)
+    out, stats = C.cooccurrence(to_df(spark, sessions), cfg)
+    got = {(r.item_a, r.item_b): r.asDict() for r in out.collect()}
+    return got, stats
+
+
+def assert_same(got, want):
+    assert set(got) == set(want)
+    for key, w in want.items():
+        g = got[key]
+        assert (g["count"], g["freq_a"], g["freq_b"]) == (w["count"], w["freq_a"], w["freq_b"]), key
+        for col in ("weight", "cosine", "ppmi"):
+            assert g[col] == pytest.approx(w[col], rel=1e-12, abs=1e-12), (key, col)
+
+
+def test_matches_counter_reference_without_cap_symmetric_bucketed(spark):
+    data = make_sessions()
+    want, removed, n = reference(data, cap=0, min_count=1)
+    got, stats = compute(spark, data, max_session_items=0, min_count=1, n_buckets=4)
+    assert len(want) > 50  # the fixture must exercise many pairs
+    assert_same(got, want)
+    assert stats["train_sessions"] == n
+    assert stats["pairs_removed_by_cap"] == removed == 0
+    for (a, b), r in got.items():
+        mirror = got[b, a]
+        assert (mirror["count"], mirror["weight"], mirror["cosine"]) == (r["count"], r["weight"], r["cosine"])
+        assert (mirror["freq_a"], mirror["freq_b"]) == (r["freq_b"], r["freq_a"])
+    buckets = defaultdict(set)
+    for (a, _), r in got.items():
+        buckets[a].add(r["bucket"])
+    assert all(len(b) == 1 and 0 <= next(iter(b)) < 4 for b in buckets.values())
+    assert len({next(iter(b)) for b in buckets.values()}) > 1
+
+
+def test_matches_counter_reference_with_cap_and_min_count(spark):
+    data = make_sessions()
+    want, removed, n = reference(data, cap=5, min_count=2)
+    got, stats = compute(spark, data, max_session_items=5, min_count=2)
+    assert_same(got, want)
+    assert removed > 0
+    assert stats["pairs_removed_by_cap"] == removed
+    assert stats["sessions_capped"] == sum(1 for _, items, split in data if split == "train" and len(set(items)) > 5)
+    # the cap and min_count change the answer (otherwise this test could not tell them apart)
+    assert set(want) != set(reference(data, cap=0, min_count=2)[0])
+    assert set(want) != set(reference(data, cap=5, min_count=1)[0])
+
+
+def test_top_k_per_item_is_deterministic(spark):
+    data = make_sessions()
+    want, _, _ = reference(data, cap=0, min_count=1)
+    got, _ = compute(spark, data, max_session_items=0, min_count=1, top_k=3, salt_buckets=3)
+    expected = set()
+    for a in {a for a, _ in want}:
+        partners = sorted(
+            ((b, r) for (x, b), r in want.items() if x == a), key=lambda br: (-br[1]["count"], -br[1]["cosine"], br[0])
+        )
+        expected |= {(a, b) for b, _ in partners[:3]}
+    assert set(got) == expected
+
+
+def test_config_validation():
+    with pytest.raises(C.ConfigError, match="max_session_items"):
+        C.CooccurrenceConfig(max_session_items=1).validate()
+    with pytest.raises(C.ConfigError, match="min_count"):
+        C.CooccurrenceConfig(min_count=0).validate()
