@@ -18,7 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ingest": ("spark_jobs.ingest", "validate raw events + catalog into Delta (bad rows -> quarantine)"),
     "sessions": ("spark_jobs.sessions", "events -> sessions with train/val/test splits"),
     "cooccur": ("spark_jobs.cooccurrence", "train sessions -> item-item co-occurrence matrix"),
-    "tokenize": ("spark_jobs.tokenize", "catalog text -> tokenizer + tokenized text shards"),
+    "tokenize": ("spark_jobs.tokenize_text", "catalog text -> tokenizer + tokenized text shards"),
     "train-mlm": ("ray_train.mlm", "masked-language-model pretraining on Ray Train"),
     "train-items": ("ray_train.items", "item embeddings (id | fusion) on Ray Train"),
     "embed": ("spark_jobs.embed_catalog", "embed the whole catalog with a Spark UDF"),
@@ -60,6 +60,16 @@ def main(argv: list[str] | None = None) -> int:
         datefmt="%H:%M:%S",
     )
     return run_guarded(args._runner, args)
+
+
+def job_main(module_name: str, prog: str, argv: list[str] | None = None) -> int:
+    """The thin ``main()`` of a job file (``spark-submit spark_jobs/<job>.py ...``,
+    ``python -m ray_train.<job> ...``): same flags and error handling as ``prodrep <command>``."""
+    module = importlib.import_module(module_name)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    parser = argparse.ArgumentParser(prog=prog, description=(module.__doc__ or "").strip().splitlines()[0])
+    module.configure_parser(parser)
+    return run_guarded(module.run_from_args, parser.parse_args(argv))
 
 
 def run_guarded(runner, args) -> int:

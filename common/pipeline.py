@@ -11,7 +11,7 @@ import logging
 import time
 from typing import Any, Callable
 
-from common.config import build_config, parse_overrides
+from common.config import build_config
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def _cooccur(spark, lake: str, args: argparse.Namespace) -> None:
 
 
 def _tokenize(spark, lake: str, args: argparse.Namespace) -> None:
-    from spark_jobs import tokenize
+    from spark_jobs import tokenize_text as tokenize
 
     cfg = build_config(tokenize.TokenizeConfig, None, lake=lake)
     print(tokenize.format_summary(tokenize.run(spark, cfg)))

@@ -656,12 +656,9 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m ray_train.mlm ...`` (also under ``ray job submit --``)."""
-    from common.cli import run_guarded
+    from common.cli import job_main
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    p = argparse.ArgumentParser(prog="python -m ray_train.mlm", description=__doc__.splitlines()[0])
-    configure_parser(p)
-    return run_guarded(run_from_args, p.parse_args(argv))
+    return job_main("ray_train.mlm", "python -m ray_train.mlm", argv)
 
 
 if __name__ == "__main__":

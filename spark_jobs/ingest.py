@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Literal, Mapping
 
 from common import lake as L
 from common.config import ConfigError, InputError, JobConfig, build_config, parse_overrides
-from common.schemas import CATALOG, EVENTS, QUARANTINE
+from common.schemas import CATALOG, EVENTS
 
 if TYPE_CHECKING:  # pragma: no cover
     from pyspark.sql import Column, DataFrame, SparkSession
@@ -408,7 +408,6 @@ def valid_rows(df: "DataFrame") -> "DataFrame":
 def run(spark: "SparkSession", cfg: IngestConfig) -> dict[str, Any]:
     """Ingest events (+ catalog) into the lake; returns counts and the reconciliation."""
     from pyspark import StorageLevel
-    from pyspark.sql import functions as F
 
     cfg = resolve(cfg)
     assert cfg.events is not None
@@ -549,12 +548,9 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """spark-submit entry point: ``spark-submit spark_jobs/ingest.py --lake L --dataset online-retail``."""
-    from common.cli import run_guarded
+    from common.cli import job_main
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    p = argparse.ArgumentParser(prog="ingest", description=__doc__.splitlines()[0])
-    configure_parser(p)
-    return run_guarded(run_from_args, p.parse_args(argv))
+    return job_main("spark_jobs.ingest", "spark_jobs/ingest.py", argv)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import pytest
 
 from common import lake as L
 from common.text import render
-from spark_jobs import tokenize as T
+from spark_jobs import tokenize_text as T
 
 TEMPLATE = "{title}. {description}"
 

@@ -21,19 +21,10 @@
    any cluster without a shared file system. ``shard = pmod(hash(item_id), n_shards)``.
 
 Run: ``prodrep tokenize --lake L [--tokenizer DIR | --vocab-size 8000] [--max-length 64]`` or
-``spark-submit spark_jobs/tokenize.py --lake L ...``.
+``spark-submit spark_jobs/tokenize_text.py --lake L ...``.
 """
 
 from __future__ import annotations
-
-if __name__ == "__main__":  # pragma: no cover
-    # `spark-submit spark_jobs/tokenize.py` puts spark_jobs/ first on sys.path, where this file would
-    # shadow the stdlib `tokenize` (imported by linecache/inspect): drop it before any other import.
-    import os as _os
-    import sys as _sys
-
-    _here = _os.path.dirname(_os.path.abspath(__file__))
-    _sys.path[:] = [p for p in _sys.path if _os.path.abspath(p or ".") != _here]
 
 import argparse
 import functools
@@ -346,7 +337,6 @@ def percentiles(values, qs=(50, 90, 99)) -> dict[str, float]:
 def run(spark: "SparkSession", cfg: TokenizeConfig) -> dict[str, Any]:
     """Build ``text_shards`` (overwrite: one Delta commit) and the tokenizer directory."""
     from pyspark import StorageLevel
-    from pyspark.sql import functions as F
 
     from common import lake as L
 
@@ -440,17 +430,14 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """spark-submit entry point."""
-    from common.cli import run_guarded
+    from common.cli import job_main
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    p = argparse.ArgumentParser(prog="tokenize", description=__doc__.splitlines()[0])
-    configure_parser(p)
-    return run_guarded(run_from_args, p.parse_args(argv))
+    return job_main("spark_jobs.tokenize_text", "spark_jobs/tokenize_text.py", argv)
 
 
 if __name__ == "__main__":
     # Run the importable module's main, so the UDFs and the per-worker tokenizer cache live in
-    # `spark_jobs.tokenize` (pickled by reference), not in __main__.
-    from spark_jobs.tokenize import main as _main
+    # `spark_jobs.tokenize_text` (pickled by reference), not in __main__.
+    from spark_jobs.tokenize_text import main as _main
 
     sys.exit(_main())

@@ -1,0 +1,256 @@
+"""Top-K nearest neighbours of every item by inner product: item_embeddings -> item_neighbors (faiss + Spark).
+
+``prodrep neighbors --lake L [--k 50] [--model-version V]`` / ``spark-submit spark_jobs/neighbors.py ...``
+
+The driver builds one faiss index over the model's vectors (L2-normalised, so inner product = cosine):
+``IndexFlatIP`` (exact) up to ``flat_max`` items, ``IndexIVFFlat`` above it (``nlist`` ~ 4*sqrt(n)
+inverted lists trained on a sample, ``nprobe`` lists searched per query: recall vs speed). The index is
+serialised with ``faiss.serialize_index`` and broadcast once; each executor deserialises it once per
+Python worker (module cache) and answers the queries of its partitions in ``mapInArrow``. Every item
+asks for k+1 neighbours and drops itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+import uuid
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+
+from common.config import ConfigError, InputError, JobConfig, build_config, parse_overrides
+from common.schemas import ITEM_NEIGHBORS
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pyspark.sql import DataFrame, SparkSession
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class NeighborsConfig(JobConfig):
+    """``prodrep neighbors`` options."""
+
+    k: int = 50  # neighbours per item (self excluded)
+    model_version: str = ""  # default: the model of the latest item_embeddings write
+    flat_max: int = 200_000  # exact IndexFlatIP up to this many items, IVF above
+    nlist: int = 0  # IVF lists; 0 = 4*sqrt(n)
+    nprobe: int = 32  # IVF lists searched per query (higher = better recall, slower)
+    train_sample: int = 100_000  # vectors used to train the IVF quantizer
+    query_batch: int = 4096  # queries per faiss search call
+    partitions: int = 0  # min query partitions; 0 = spark.default.parallelism
+
+    def validate(self) -> None:
+        super().validate()
+        if self.k < 1:
+            raise ConfigError(f"k={self.k} must be >= 1 (e.g. --k 50)")
+        if self.flat_max < 1 or self.nprobe < 1 or self.query_batch < 1 or self.train_sample < 1:
+            raise ConfigError("flat_max, nprobe, query_batch and train_sample must be >= 1")
+        if self.nlist < 0 or self.partitions < 0:
+            raise ConfigError("nlist and partitions must be >= 0 (0 = automatic)")
+
+
+# ------------------------------------------------------------------------------------------ index
+def build_index(vectors: np.ndarray, flat_max: int = 200_000, nlist: int = 0, nprobe: int = 32, train_sample: int = 100_000, seed: int = 0):
+    """Inner-product faiss index over ``vectors`` (n, d) float32: exact below ``flat_max``, IVF above."""
+    import faiss
+
+    n, d = vectors.shape
+    x = np.ascontiguousarray(vectors, dtype=np.float32)
+    if n <= flat_max:
+        index = faiss.IndexFlatIP(d)
+    else:
+        nlist = nlist or max(1, int(4 * math.sqrt(n)))
+        quantizer = faiss.IndexFlatIP(d)
+        index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
+        rng = np.random.default_rng(seed)
+        sample = x[rng.choice(n, size=min(n, max(train_sample, nlist)), replace=False)]
+        index.train(sample)
+        index.nprobe = min(nprobe, nlist)
+    index.add(x)
+    return index
+
+
+_INDEX_CACHE: dict[str, Any] = {}
+
+
+def _worker_index(key: str, index_bc):
+    """Deserialise the broadcast index once per Python worker."""
+    import faiss
+
+    index = _INDEX_CACHE.get(key)
+    if index is None:
+        _INDEX_CACHE.clear()  # one job's index at a time
+        index = faiss.deserialize_index(index_bc.value)
+        _INDEX_CACHE[key] = index
+    return index
+
+
+def search_batches(
+    batches: Iterator[pa.RecordBatch], key: str, index_bc, ids_bc, k: int, model_version: str, query_batch: int
+) -> Iterator[pa.RecordBatch]:
+    """(item_id, embedding) query batches -> item_neighbors rows (self excluded)."""
+    import faiss
+    from pyspark import TaskContext
+
+    ctx = TaskContext.get()
+    faiss.omp_set_num_threads(max(1, ctx.cpus() if ctx is not None else 1))
+    index = _worker_index(key, index_bc)
+    ids = ids_bc.value
+    kk = min(k + 1, index.ntotal)
+    for batch in batches:
+        if batch.num_rows == 0:
+            continue
+        q_ids = batch.column("item_id").to_numpy(zero_copy_only=False)
+        flat = batch.column("embedding").flatten().to_numpy(zero_copy_only=False).astype(np.float32)
+        q = flat.reshape(batch.num_rows, index.d)
+        for s in range(0, len(q_ids), query_batch):
+            scores, labels = index.search(np.ascontiguousarray(q[s : s + query_batch]), kk)
+            yield neighbor_rows(q_ids[s : s + query_batch], scores, labels, ids, k, model_version)
+
+
+def neighbor_rows(q_ids: np.ndarray, scores: np.ndarray, labels: np.ndarray, ids: np.ndarray, k: int, model_version: str) -> pa.RecordBatch:
+    """faiss results (k+1 per query) -> up to k ranked rows per query, without the query itself."""
+    valid = labels >= 0
+    nb = np.where(valid, ids[np.clip(labels, 0, None)], None)
+    keep = valid & (nb != q_ids[:, None])
+    # at most k per row: drop whatever is beyond the k-th kept hit (self absent -> last hit goes)
+    rank = np.cumsum(keep, axis=1)
+    keep &= rank <= k
+    rows, cols = np.nonzero(keep)
+    return pa.RecordBatch.from_arrays(
+        [
+            pa.array(q_ids[rows].astype(object), pa.string()),
+            pa.array(nb[rows, cols].astype(object), pa.string()),
+            pa.array(rank[rows, cols].astype(np.int32)),
+            pa.array(scores[rows, cols].astype(np.float32)),
+            pa.array([model_version] * len(rows), pa.string()),
+        ],
+        schema=ITEM_NEIGHBORS.arrow(),
+    )
+
+
+# ------------------------------------------------------------------------------------------ transforms
+def latest_model_version(lake: str) -> str:
+    """The model_version of the latest item_embeddings write."""
+    from common import lake as L
+
+    info = L.commit_info(lake, "item_embeddings")
+    v = info.get("model_version")
+    if not v:
+        raise InputError("item_embeddings has no model_version in its latest commit metadata: pass --model-version")
+    return v
+
+
+def load_vectors(lake: str, model_version: str, version: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, (n, d) float32) of one model's vectors, read on the driver with delta-rs."""
+    from common import lake as L
+
+    t = L.read_arrow(lake, "item_embeddings", version, columns=["item_id", "embedding"], filters=[("model_version", "=", model_version)])
+    if t.num_rows == 0:
+        known = sorted(set(L.read_arrow(lake, "item_embeddings", version, columns=["model_version"]).column(0).to_pylist()))
+        raise InputError(f"item_embeddings has no rows for model_version {model_version!r}; known: {known}")
+    ids = t.column("item_id").to_numpy(zero_copy_only=False).astype(object)
+    flat = t.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False).astype(np.float32)
+    return ids, flat.reshape(t.num_rows, -1)
+
+
+def query_neighbors(queries: "DataFrame", index, ids: np.ndarray, k: int, model_version: str, query_batch: int = 4096) -> "DataFrame":
+    """(item_id, embedding) -> item_neighbors: the index is broadcast once and searched per partition."""
+    import faiss
+
+    sc = queries.sparkSession.sparkContext
+    index_bc = sc.broadcast(faiss.serialize_index(index))
+    ids_bc = sc.broadcast(ids)
+    key = uuid.uuid4().hex  # cache key for the deserialised index on the workers
+    return queries.select("item_id", "embedding").mapInArrow(
+        lambda it: search_batches(it, key, index_bc, ids_bc, k, model_version, query_batch), ITEM_NEIGHBORS.spark()
+    )
+
+
+def run(spark: "SparkSession", cfg: NeighborsConfig) -> dict[str, Any]:
+    """Build the index on the driver, query every item in Spark, replace this model's item_neighbors rows."""
+    from pyspark.sql import functions as F
+
+    from common import lake as L
+    from spark_jobs.embed_catalog import split_by_model
+
+    emb_v = L.table_version(cfg.lake, "item_embeddings")
+    if emb_v is None:
+        L.delta_table(cfg.lake, "item_embeddings")  # clear "run the stage first" error
+    model_version = cfg.model_version or latest_model_version(cfg.lake)
+    ids, vectors = load_vectors(cfg.lake, model_version, emb_v)
+    n = len(ids)
+    log.info("building faiss index over %d x %d vectors (%s)", n, vectors.shape[1], "flat" if n <= cfg.flat_max else "ivf")
+    index = build_index(vectors, cfg.flat_max, cfg.nlist, cfg.nprobe, cfg.train_sample)
+    del vectors
+    queries = L.read_spark(spark, cfg.lake, "item_embeddings", version=emb_v).filter(F.col("model_version") == model_version)
+    min_parts = cfg.partitions or spark.sparkContext.defaultParallelism
+    if queries.rdd.getNumPartitions() < min_parts:
+        queries = queries.repartition(min_parts)
+    new = query_neighbors(queries, index, ids, cfg.k, model_version, cfg.query_batch)
+
+    nb_v = L.table_version(cfg.lake, "item_neighbors")
+    others, _ = split_by_model(spark, cfg.lake, "item_neighbors", nb_v, model_version)
+    out = new if others is None else others.select(*ITEM_NEIGHBORS.names).unionByName(new)
+    kind = "flat" if n <= cfg.flat_max else f"ivf(nlist={index.nlist}, nprobe={index.nprobe})"
+    metadata = L.job_metadata(
+        "neighbors", cfg, inputs={"item_embeddings": emb_v, "item_neighbors": nb_v},
+        model_version=model_version, k=cfg.k, index=kind, items=n,
+    )  # fmt: skip
+    version = L.write_spark(out, cfg.lake, "item_neighbors", mode="overwrite", metadata=metadata)
+    summary = {"version": version, "model_version": model_version, "items": n, "k": cfg.k, "index": kind}
+    log.info("item_neighbors v%s: %s", version, summary)
+    return summary
+
+
+# ------------------------------------------------------------------------------------------ CLI
+def configure_parser(p: argparse.ArgumentParser) -> None:
+    """CLI flags of ``prodrep neighbors``."""
+    p.add_argument("--lake", default=None, help="lake root (local path or object-store URI)")
+    p.add_argument("--config", default=None, help="YAML file with NeighborsConfig fields")
+    p.add_argument("--k", type=int, default=None, help="neighbours per item (default 50)")
+    p.add_argument("--model-version", default=None, help="embedding model (default: latest embed run)")
+    p.add_argument("--flat-max", type=int, default=None, help="exact index up to this many items (default 200000)")
+    p.add_argument("--nprobe", type=int, default=None, help="IVF lists searched per query (default 32)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config field, repeatable")
+
+
+def config_from_args(args: argparse.Namespace) -> NeighborsConfig:
+    overrides = parse_overrides(args.set)
+    for k in ("lake", "k", "model_version", "flat_max", "nprobe"):
+        if getattr(args, k, None) is not None:
+            overrides[k] = getattr(args, k)
+    return build_config(NeighborsConfig, args.config, **overrides)
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    return f"item_neighbors v{s['version']}: top-{s['k']} for {s['items']:,} items of {s['model_version']} ({s['index']})"
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    from common.spark import get_spark
+
+    print(format_summary(run(get_spark("prodrep-neighbors"), config_from_args(args))))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """spark-submit entry point."""
+    from common.cli import run_guarded
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    p = argparse.ArgumentParser(prog="neighbors", description=__doc__.splitlines()[0])
+    configure_parser(p)
+    return run_guarded(run_from_args, p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    from spark_jobs.neighbors import main as _main  # UDFs pickle by module reference, not as __main__
+
+    sys.exit(_main())
