@@ -1,0 +1,139 @@
+"""common.models: export format, encoder pooling/normalisation/order, id + fusion kinds, MiniLM."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from common.config import InputError
+from common.models import (
+    ID_EMBEDDINGS_FILE,
+    META_FILE,
+    cached_encoder,
+    load_encoder,
+    minilm_path,
+    read_meta,
+    save_export,
+)
+
+TEXTS = [
+    "WHITE HANGING HEART T-LIGHT HOLDER",
+    "a",
+    "",
+    "SET OF 20 CHRISTMAS FAIRY LIGHTS WITH A VERY LONG DESCRIPTION OF WARM WHITE LED BULBS ON GREEN WIRE",
+    "red retrospot cake stand",
+    "JUMBO BAG RED RETROSPOT",
+    "christmas lights",
+]
+
+
+def tiny_bert(seed: int = 0, hidden: int = 32):
+    """A tiny random BERT with MiniLM's tokenizer (real tokenizer, fast model)."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    tok = AutoTokenizer.from_pretrained(minilm_path())
+    cfg = BertConfig(
+        vocab_size=tok.vocab_size, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=128,
+    )  # fmt: skip
+    return BertModel(cfg).eval(), tok
+
+
+def export_tiny(out_dir, kind="mlm", pooling="mean", seed=0, **extra):
+    model, tok = tiny_bert(seed)
+    meta = {"kind": kind, "model_version": f"tiny-{seed:08x}", "pooling": pooling, "max_length": 64, "dim": 32}
+    return save_export(out_dir, meta, model=model, tokenizer=tok, **extra), model, tok
+
+
+def reference(model, tok, texts, pooling="mean", max_length=64):
+    """The obvious implementation: one padded batch, no sorting."""
+    b = tok(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    with torch.no_grad():
+        h = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
+    if pooling == "cls":
+        v = h[:, 0]
+    else:
+        m = b["attention_mask"].unsqueeze(-1).float()
+        v = (h * m).sum(1) / m.sum(1)
+    return v.numpy()
+
+
+def unit(x):
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+def test_export_roundtrip_matches_reference(tmp_path, pooling):
+    d, model, tok = export_tiny(tmp_path / "m", pooling=pooling)
+    meta = json.loads((tmp_path / "m" / META_FILE).read_text())
+    assert meta["kind"] == "mlm" and meta["format"] == 1 and meta["normalize"] is True and meta["created_at"]
+    enc = load_encoder(d, device="cpu")
+    assert enc.dim == 32 and enc.meta["model_version"] == "tiny-00000000"
+    # batch_size 2 forces length-sorted batches that differ from the single padded reference batch
+    got = enc.embed(TEXTS, batch_size=2)
+    want = unit(reference(model, tok, TEXTS, pooling))
+    assert got.dtype == np.float32 and got.shape == (len(TEXTS), 32)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-6)
+    np.testing.assert_allclose(enc.embed(TEXTS[::-1], batch_size=3), got[::-1], atol=1e-5)
+
+
+def test_save_export_validates(tmp_path):
+    model, tok = tiny_bert()
+    with pytest.raises(InputError, match="model_version"):
+        save_export(tmp_path / "a", {"kind": "mlm", "pooling": "mean", "max_length": 8, "dim": 32}, model=model, tokenizer=tok)
+    with pytest.raises(InputError, match="hidden_size"):
+        save_export(tmp_path / "b", {"kind": "mlm", "model_version": "x", "pooling": "mean", "max_length": 8, "dim": 16}, model=model, tokenizer=tok)
+    with pytest.raises(InputError, match="kind"):
+        save_export(tmp_path / "c", {"kind": "bogus", "model_version": "x", "pooling": "mean", "max_length": 8, "dim": 32}, model=model, tokenizer=tok)
+    with pytest.raises(InputError, match="item_vectors"):
+        save_export(tmp_path / "d", {"kind": "id", "model_version": "x", "dim": 4})
+
+
+def test_read_meta_errors(tmp_path):
+    with pytest.raises(InputError, match="does not exist"):
+        read_meta(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="prodrep.json"):
+        read_meta(tmp_path / "empty")
+
+
+def test_id_model_lookup(tmp_path):
+    vecs = {"a": [3.0, 4.0], "b": [0.0, 2.0]}
+    d = save_export(tmp_path / "id", {"kind": "id", "model_version": "ids-0", "dim": 2}, item_vectors=vecs)
+    enc = load_encoder(d, device="cpu")
+    got = enc.embed_items(["b", "zzz", "a"])
+    np.testing.assert_allclose(got, [[0, 1], [0, 0], [0.6, 0.8]], atol=1e-7)
+    assert enc.has_vector(["b", "zzz", "a"]).tolist() == [True, False, True]
+    with pytest.raises(InputError, match="no text encoder"):
+        enc.embed(["x"])
+
+
+def test_fusion_adds_id_vectors_before_normalising(tmp_path):
+    ids = ["known", "other"]
+    id_vecs = np.random.default_rng(0).normal(size=(2, 32)).astype(np.float32)
+    d, model, tok = export_tiny(tmp_path / "f", kind="fusion", id_embeddings=(ids, id_vecs))
+    assert (tmp_path / "f" / ID_EMBEDDINGS_FILE).exists()
+    enc = load_encoder(d, device="cpu")
+    texts = ["red retrospot cake stand", "JUMBO BAG RED RETROSPOT"]
+    got = enc.embed_items(["known", "new-item"], texts, batch_size=1)
+    pooled = reference(model, tok, texts)
+    np.testing.assert_allclose(got[0], unit(pooled[0] + id_vecs[0]), atol=1e-5)
+    np.testing.assert_allclose(got[1], unit(pooled[1]), atol=1e-5)  # no history -> pure text vector
+
+
+def test_minilm_bare_dir():
+    meta = read_meta(minilm_path())
+    assert (meta["kind"], meta["pooling"], meta["dim"], meta["max_length"]) == ("pretrained", "mean", 384, 256)
+    enc = cached_encoder(minilm_path(), "cpu")
+    assert cached_encoder(minilm_path(), "cpu") is enc  # loaded once per process
+    q, near, far = enc.embed(["christmas lights", "SET OF 20 CHRISTMAS FAIRY LIGHTS", "CERAMIC TEA CUP AND SAUCER"])
+    assert float(q @ near) > float(q @ far) + 0.2
+    from transformers import AutoModel, AutoTokenizer
+
+    tok, model = AutoTokenizer.from_pretrained(minilm_path()), AutoModel.from_pretrained(minilm_path()).eval()
+    np.testing.assert_allclose(enc.embed(TEXTS, batch_size=3), unit(reference(model, tok, TEXTS, max_length=256)), atol=1e-5)
