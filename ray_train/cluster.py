@@ -18,6 +18,10 @@ def ensure_ray(num_cpus: int | None = None, object_store_memory: int | None = No
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
         return
+    if num_cpus is None:
+        # One logical CPU of headroom: training workers that take every core would leave Ray Data's
+        # read/transform tasks a budget of 0 CPUs, and Train + Data then wait on each other forever.
+        num_cpus = (os.cpu_count() or 1) + 1
     ray.init(
         num_cpus=num_cpus,
         object_store_memory=object_store_memory
