@@ -427,9 +427,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         do_eval = step % config["eval_interval"] == 0 or is_last
         if step % config["log_interval"] == 0 or do_eval:
             flush_logs()
-            if pbar is not None:
+            if pbar is not None and "loss" in history[-1]:
                 pbar.set_postfix(loss=history[-1]["loss"])
-        metrics: dict[str, Any] = {"step": step, "loss": history[-1]["loss"] if history else None}
+        # history also holds {"step", "val_ppl"} rows: report the latest training loss, not the last row
+        last_loss = next((h["loss"] for h in reversed(history) if "loss" in h), None)
+        metrics: dict[str, Any] = {"step": step, "loss": last_loss}
         if do_eval:
             ppl = evaluate()
             history.append({"step": step, "val_ppl": round(ppl, 4)})
