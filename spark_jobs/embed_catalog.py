@@ -385,12 +385,9 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """spark-submit entry point."""
-    from common.cli import run_guarded
+    from common.cli import job_main
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    p = argparse.ArgumentParser(prog="embed", description=__doc__.splitlines()[0])
-    configure_parser(p)
-    return run_guarded(run_from_args, p.parse_args(argv))
+    return job_main("spark_jobs.embed_catalog", "spark_jobs/embed_catalog.py", argv)
 
 
 if __name__ == "__main__":

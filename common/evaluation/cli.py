@@ -475,17 +475,16 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 
 def run_from_args(args: argparse.Namespace) -> int:
     """Build the config from the parsed flags and run."""
-    cfg = build_config(
-        EvaluateConfig,
-        args.config,
+    flags = dict(
         lake=args.lake,
         report_dir=args.report_dir,
         json_file=args.json_file,
         max_queries=args.max_queries,
         methods=args.methods,
         skip=args.skip,
-        **parse_overrides(args.set),
     )
+    # --set wins over the dedicated flags (and must not collide with them as duplicate kwargs)
+    cfg = build_config(EvaluateConfig, args.config, **{**flags, **parse_overrides(args.set)})
     run(cfg)
     return 0
 
