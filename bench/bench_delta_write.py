@@ -29,7 +29,7 @@ def main() -> None:
     spark = get_spark("bench-delta-write", conf={"spark.ui.showConsoleProgress": "false"})
     cfg = ingest.resolve(ingest.online_retail_preset("unused"))
     raw = ingest.read_source(spark, cfg.events, "parquet")
-    events = ingest.event_ids(ingest.map_events(ingest.with_raw(raw), cfg)).withColumn("split", raw["InvoiceNo"].substr(1, 0))
+    events = ingest.event_ids(ingest.map_events(ingest.with_raw(raw), cfg))
     events = L.conform_spark(events.where("item_id is not null and session_id is not null and event_type is not null"), L.schema_for("events"))
     events = events.repartition(args.partitions).cache()
     n = events.count()

@@ -127,7 +127,7 @@ def _train_items(spark, lake: str, args: argparse.Namespace) -> None:
 
     for kind in ("id", "fusion"):
         cfg = build_config(items.ItemsConfig, None, lake=lake, kind=kind, run_name=f"items-{kind}",
-                           workers=args.workers or 2, gpu=args.gpu or None)
+                           workers=args.workers or 2, gpu=args.gpu or None, epochs=3 if kind == "id" else None)
         res = items.run(cfg)
         print(items.format_result(res))
         _STATE["models"][kind] = res["model_dir"]
