@@ -60,6 +60,7 @@ import numpy as np
 
 from common.config import ConfigError, InputError, JobConfig, build_config, parse_overrides
 from common.text import DEFAULT_TEMPLATE
+from ray_train.data import pad_batch
 
 log = logging.getLogger(__name__)
 
@@ -237,18 +238,6 @@ def _items_table(name: str):
     return pd.concat(parts, ignore_index=True).sort_values("idx", ignore_index=True)
 
 
-def _pad(seqs: Sequence[np.ndarray], pad_id: int):
-    import torch
-
-    width = max(len(s) for s in seqs)
-    ids = np.full((len(seqs), width), pad_id, dtype=np.int64)
-    mask = np.zeros((len(seqs), width), dtype=np.int64)
-    for r, s in enumerate(seqs):
-        ids[r, : len(s)] = s
-        mask[r, : len(s)] = 1
-    return torch.from_numpy(ids), torch.from_numpy(mask)
-
-
 def _pool_all(tower: Any, token_ids: list[np.ndarray], pad_id: int, device: Any, rank: int, world: int, batch: int = 256):
     """Pooled (un-normalised) text vectors of every item: each worker embeds a contiguous slice, then
     an all-gather gives every worker the whole matrix (identical on all workers)."""
@@ -266,7 +255,7 @@ def _pool_all(tower: Any, token_ids: list[np.ndarray], pad_id: int, device: Any,
         order = sorted(range(lo, hi), key=lambda i: len(token_ids[i]))  # little padding per batch
         for s in range(0, len(order), batch):
             idx = order[s : s + batch]
-            ids, mask = _pad([token_ids[i] for i in idx], pad_id)
+            ids, mask = pad_batch([token_ids[i] for i in idx], pad_id, multiple_of=1)
             out[torch.as_tensor(idx) - lo] = tower.pooled(ids.to(device), mask.to(device)).float()
     if _distributed():
         import torch.distributed as dist
@@ -383,7 +372,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             b = batch["b"].long()
             if fusion:
                 uniq, inv = torch.unique(torch.cat([a, b]), return_inverse=True)
-                ids, mask = _pad([token_ids[i] for i in uniq.tolist()], pad_id)
+                ids, mask = pad_batch([token_ids[i] for i in uniq.tolist()], pad_id, multiple_of=1)
                 v = model(ids.to(device), mask.to(device))
                 q, d = v[inv[: len(a)]], v[inv[len(a) :]]
                 loss = info_nce(q, d, raw.temperature(), symmetric=True, gather=True, q_ids=a.to(device), d_ids=b.to(device))
