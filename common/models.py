@@ -301,8 +301,18 @@ class TextEncoder:
         import torch
         from transformers import AutoModel, AutoTokenizer
 
+        from transformers.utils import logging as hf_logging
+
         self.tokenizer = AutoTokenizer.from_pretrained(str(p))
-        self.model = AutoModel.from_pretrained(str(p)).to(device).eval()
+        # An MLM export loaded as a bare encoder drops its MLM head: expected, so keep the per-key load
+        # report (printed once per Spark/Ray worker) out of the job output unless debugging.
+        verbosity = hf_logging.get_verbosity()
+        if not log.isEnabledFor(logging.DEBUG):
+            hf_logging.set_verbosity_error()
+        try:
+            self.model = AutoModel.from_pretrained(str(p)).to(device).eval()
+        finally:
+            hf_logging.set_verbosity(verbosity)
         hidden = getattr(self.model.config, "hidden_size", self.dim)
         if int(hidden) != self.dim:
             raise InputError(f"{p}/{META_FILE}: dim={self.dim} but the model's hidden_size is {hidden}")
