@@ -39,13 +39,21 @@ def lake(tmp_path):
     return str(path)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture()
 def ray_local():
-    """A real local Ray with 2 CPUs and a bounded object store (Spark shares the machine)."""
-    from ray_train.cluster import ensure_ray
+    """A fresh real local Ray for each test that trains, with the same logical-CPU headroom and bounded
+    object store as ``prodrep`` uses locally.
 
-    ensure_ray(num_cpus=2)
-    yield
+    Fresh per test: one long-lived local Ray shared by successive ``TorchTrainer`` runs on 2 cores was
+    seen to hang with the next run's controller waiting for a worker group that was never scheduled
+    (no placement group created, CPUs idle). A restart costs a few seconds; a hang costs the CI run.
+    """
     import ray
 
+    from ray_train.cluster import ensure_ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ensure_ray()
+    yield
     ray.shutdown()
