@@ -4,8 +4,10 @@ An exported model directory (``<lake>/models/<run>/``) holds the Hugging Face fi
 ``model.safetensors``, tokenizer files) plus ``prodrep.json`` (see :data:`META_KEYS`). ``kind`` is one of
 
 * ``mlm`` / ``pretrained``: a text encoder; item vector = pooled last hidden state, L2-normalised;
-* ``fusion``: a text encoder plus ``id_embeddings.parquet``: learned ID vectors added to the pooled
-  text vector (before L2-normalising) for items that have history;
+* ``fusion``: a text encoder, optionally a lexical block (``lexical.json``, see :mod:`common.lexical`)
+  whose TF-IDF vector is concatenated to the normalised pooled vector (``meta["lexical"]`` holds its
+  size and the dense weight), plus ``id_embeddings.parquet``: behaviour vectors added to that text
+  vector (before L2-normalising) for items that have history;
 * ``id``: no HF model; ``item_vectors.parquet`` (item_id, embedding) is the whole model.
 
 A bare Hugging Face directory (e.g. the bundled all-MiniLM-L6-v2) is read as kind ``pretrained`` with
@@ -47,7 +49,7 @@ REQUIRED_META = ("kind", "model_version", "dim")
 REQUIRED_TEXT_META = ("pooling", "max_length")
 META_KEYS = (
     "format", "kind", "model_version", "pooling", "max_length", "dim", "normalize", "tokenizer_hash",
-    "text_template", "inputs", "metrics", "config", "code_version", "created_at",
+    "text_template", "inputs", "metrics", "config", "code_version", "created_at", "lexical",
 )  # fmt: skip
 VECTOR_SCHEMA = pa.schema([pa.field("item_id", pa.string(), False), pa.field("embedding", pa.list_(pa.float32()), False)])
 
@@ -120,6 +122,7 @@ def _full_meta(meta: Mapping[str, Any]) -> dict[str, Any]:
         "metrics": {},
         "config": {},
         "code_version": code_version(),
+        "lexical": None,  # fusion: {"vocab_size": V, "dense_weight": w} when lexical.json is present
         "created_at": datetime.now(timezone.utc).isoformat(),
     }
     out.update(meta)
@@ -151,17 +154,23 @@ def save_export(
     tokenizer: Any = None,
     item_vectors: Any = None,
     id_embeddings: Any = None,
+    lexical: Any = None,
 ) -> str:
     """Write an exported model directory; returns its path.
 
     ``meta`` needs kind, model_version, dim (+ pooling, max_length for text models); the other
     :data:`META_KEYS` get defaults. ``model``/``tokenizer`` are saved with ``save_pretrained``;
     ``item_vectors`` (kind id) and ``id_embeddings`` (kind fusion) may be an Arrow table / DataFrame
-    with item_id + embedding, a mapping id -> vector, or an ``(ids, matrix)`` pair. ``prodrep.json``
+    with item_id + embedding, a mapping id -> vector, or an ``(ids, matrix)`` pair; ``lexical`` (kind
+    fusion) a :class:`common.lexical.Lexical`, recorded in ``meta["lexical"]``. ``prodrep.json``
     is written last, so its presence marks a complete export.
     """
     full = _full_meta(meta)
     kind, dim = full["kind"], full["dim"]
+    if lexical is not None:
+        if kind != "fusion":
+            raise InputError(f"save_export: a lexical block only belongs to kind 'fusion', not {kind!r}")
+        full["lexical"] = {"vocab_size": lexical.size, "dense_weight": float((full.get("lexical") or {}).get("dense_weight", 0.5))}
     path = Path(out_dir)
     if "://" in str(out_dir) and not str(out_dir).startswith("file://"):
         raise InputError(f"save_export: {out_dir} is remote; export to a local dir and copy it (e.g. `aws s3 sync`)")
@@ -175,8 +184,9 @@ def save_export(
         if model is None or tokenizer is None:
             raise InputError(f"save_export: kind {kind!r} needs both model and tokenizer")
         hidden = getattr(model.config, "hidden_size", None)
-        if hidden is not None and int(hidden) != dim:
-            raise InputError(f"save_export: meta dim={dim} but the model's hidden_size is {hidden}")
+        lex_dims = lexical.size if lexical is not None else 0
+        if hidden is not None and int(hidden) + lex_dims != dim:
+            raise InputError(f"save_export: meta dim={dim} but the model's hidden_size {hidden} + lexical {lex_dims} differ")
         if id_embeddings is not None and kind != "fusion":
             raise InputError(f"save_export: id_embeddings only belong to kind 'fusion', not {kind!r}")
     path.mkdir(parents=True, exist_ok=True)
@@ -190,6 +200,8 @@ def save_export(
         pq.write_table(_vector_table(item_vectors, "item_vectors", dim), path / ITEM_VECTORS_FILE)
     if id_embeddings is not None:
         pq.write_table(_vector_table(id_embeddings, "id_embeddings", dim), path / ID_EMBEDDINGS_FILE)
+    if lexical is not None:
+        lexical.save(path)
     tmp = path / (META_FILE + ".tmp")
     tmp.write_text(json.dumps(full, indent=2, default=str))
     tmp.replace(path / META_FILE)
@@ -294,6 +306,9 @@ class TextEncoder:
         self.tokenizer = None
         self._ids: dict[str, int] = {}
         self._vectors = np.zeros((0, self.dim), np.float32)
+        self.lexical = None
+        self.dense_weight = 1.0
+        self.hidden = self.dim
         p = Path(model_dir)
         if self.kind == "id":
             self._load_vectors(p / ITEM_VECTORS_FILE)
@@ -313,9 +328,17 @@ class TextEncoder:
             self.model = AutoModel.from_pretrained(str(p)).to(device).eval()
         finally:
             hf_logging.set_verbosity(verbosity)
-        hidden = getattr(self.model.config, "hidden_size", self.dim)
-        if int(hidden) != self.dim:
-            raise InputError(f"{p}/{META_FILE}: dim={self.dim} but the model's hidden_size is {hidden}")
+        from common.lexical import Lexical
+
+        self.lexical = Lexical.load(p) if self.kind == "fusion" else None
+        lex_meta = meta.get("lexical") or {}
+        if (self.lexical is None) != (not lex_meta):
+            raise InputError(f"{p}: prodrep.json 'lexical' and the presence of lexical.json disagree (a partial copy?)")
+        self.dense_weight = float(lex_meta.get("dense_weight", 1.0))
+        self.hidden = int(getattr(self.model.config, "hidden_size", self.dim))
+        lex_dims = self.lexical.size if self.lexical is not None else 0
+        if self.hidden + lex_dims != self.dim:
+            raise InputError(f"{p}/{META_FILE}: dim={self.dim} but hidden_size {self.hidden} + lexical {lex_dims} differ")
         self.max_length = int(meta.get("max_length") or 512)
         self.pooling = meta.get("pooling") or "mean"
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
@@ -339,7 +362,7 @@ class TextEncoder:
             raise InputError(f"model {self.meta['model_version']} is kind 'id': it has no text encoder")
         torch = self._torch
         n = len(texts)
-        out = np.zeros((n, self.dim), np.float32)
+        out = np.zeros((n, self.hidden), np.float32)
         if n == 0:
             return out
         enc = self.tokenizer(
@@ -375,8 +398,11 @@ class TextEncoder:
         return out
 
     def embed(self, texts: Sequence[str], batch_size: int = 256, progress: bool = False) -> np.ndarray:
-        """Embed texts -> (n, dim) float32, L2-normalised, in input order."""
-        return l2_normalize(self._pooled(texts, batch_size, progress))
+        """Embed texts -> (n, dim) float32, L2-normalised, in input order (with a lexical block:
+        :func:`common.lexical.text_vectors`, also unit-norm)."""
+        from common.lexical import text_vectors
+
+        return text_vectors(self._pooled(texts, batch_size, progress), self.lexical, texts, self.dense_weight)
 
     # -- items --------------------------------------------------------------------------------
     def has_vector(self, item_ids: Iterable[str]) -> np.ndarray:
@@ -398,18 +424,18 @@ class TextEncoder:
         """Item vectors, L2-normalised, (n, dim) float32.
 
         Text kinds embed ``texts`` (from :func:`common.text.render`); ``fusion`` adds the item's ID
-        embedding to the pooled text vector before normalising (items without history keep the pure
-        text vector). Kind ``id`` looks the vectors up; unknown items get a zero row (see
+        embedding to its text vector (:meth:`embed`) before normalising (items without history keep
+        the pure text vector). Kind ``id`` looks the vectors up; unknown items get a zero row (see
         :meth:`has_vector`).
         """
         if self.kind == "id":
             return l2_normalize(self.id_vectors(item_ids))
         if texts is None or len(texts) != len(item_ids):
             raise InputError(f"embed_items: need one text per item id (got {len(item_ids)} ids)")
-        pooled = self._pooled(texts, batch_size, progress)
+        vec = self.embed(texts, batch_size, progress)
         if self.kind == "fusion" and self._ids:
-            pooled = pooled + self.id_vectors(item_ids)
-        return l2_normalize(pooled)
+            vec = vec + self.id_vectors(item_ids)
+        return l2_normalize(vec)
 
 
 def default_device() -> str:

@@ -14,7 +14,7 @@ from common.evaluation import baselines as B
 from common.evaluation.cli import EvaluateConfig, main, run
 from common.evaluation.metrics import recall_at_k
 from common.evaluation.protocol import build_context, evaluate_scores, sample_queries
-from common.lake import write_arrow
+from common.lake import read_pandas, write_arrow
 
 GROUP = 15
 COLD = "A_NEW"
@@ -199,6 +199,24 @@ def test_cli_entry_and_errors(lake, tmp_path, capsys):
     assert rc == 0
     printed = capsys.readouterr().out
     assert "cooc_cosine" in printed and "report.md" in printed
+    with pytest.raises(ConfigError, match="eval_split"):
+        _cfg(lake, tmp_path, eval_split="train")
+    with pytest.raises(InputError, match="0 val sessions.*--val-from"):  # tuning needs a val split
+        run(_cfg(lake, tmp_path, eval_split="val"))
+
+
+def test_eval_split_val_scores_the_val_sessions_only(lake, tmp_path):
+    _write_lake(lake, with_model=False)
+    sessions = read_pandas(lake, "sessions")
+    # relabel the 3 cold-item sessions as val: evaluating val must see exactly them
+    is_cold = sessions["item_ids"].map(lambda s: COLD in list(s))
+    sessions.loc[is_cold, "split"] = "val"
+    write_arrow(pa.Table.from_pandas(sessions, preserve_index=False), lake, "sessions", mode="overwrite")
+    val = run(_cfg(lake, tmp_path, eval_split="val", methods=("popularity", "tfidf")))
+    test = run(_cfg(lake, tmp_path, methods=("popularity", "tfidf")))
+    assert val["dataset"]["eval_split"] == "val" and test["dataset"]["eval_split"] == "test"
+    assert val["dataset"]["queries"] == 3 * 4 and val["dataset"]["cold_queries"] == 3
+    assert test["dataset"]["queries"] == 20 * 4 and test["dataset"]["cold_queries"] == 0
 
 
 def test_item2vec_tiny_deterministic_and_tuned_on_pseudo_val(lake, tmp_path):

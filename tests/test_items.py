@@ -119,24 +119,40 @@ def test_fusion_cold_item_lands_in_its_text_group(toy_lake, tiny_bert, ray_local
     from ray_train.items import ItemsConfig, neighbours_by_title, train_items
 
     cfg = build_config(ItemsConfig, None, lake=toy_lake, kind="fusion", init=tiny_bert, pairs=2048, batch_size=32,
-                       epochs=2, text_steps=48, lr=5e-3, id_lr=0.05, id_epochs=2, id_batch_size=128, temperature=0.1,
-                       max_pairs_per_item=0, workers=2)  # fmt: skip
+                       epochs=2, text_steps=48, lr=5e-3, temperature=0.1, max_pairs_per_item=0, workers=2)  # fmt: skip
     res = train_items(cfg)
     meta = read_meta(res["model_dir"])
-    assert meta["kind"] == "fusion" and meta["pooling"] == "mean" and meta["dim"] == 32
+    # the export's text vector = [dense (32) | TF-IDF block over the items' words]
+    assert meta["kind"] == "fusion" and meta["pooling"] == "mean" and meta["lexical"]["vocab_size"] == 6
+    assert meta["dim"] == 32 + 6
     assert res["step"] == 48 and res["loss"] < res["first_epoch_loss"]
-    assert res["id_loss"] < res["id_first_epoch_loss"]  # stage 2 (ID vectors on frozen text) learns too
     cat = read_pandas(toy_lake, "catalog")
     ids, texts = cat["item_id"].tolist(), [render(r) for r in cat.to_dict("records")]
 
     def separation(model_dir):
+        # the dense block alone: the shared words would separate the groups through the TF-IDF block
+        # even if the encoder had learned nothing
         enc = load_encoder(model_dir, device="cpu")
-        vecs = dict(zip(ids, enc.embed_items(ids, texts)))
+        dense = enc.embed(texts)[:, : enc.hidden]
+        vecs = dict(zip(ids, dense / np.linalg.norm(dense, axis=1, keepdims=True)))
         sims = _cos_by_group(vecs, vecs[COLD])
         return sims["A"] - sims["B"], enc
 
     trained, enc = separation(res["model_dir"])
     untrained, _ = separation(tiny_bert)
+    # stage 2 = a distributed sparse x dense product over 2 workers: check it against numpy on the
+    # export's own text vectors: e_i = id_beta * sum_j w_ij t_j / sum_j w_ij
+    text_vec = dict(zip(ids, enc.embed(texts)))
+    co = read_pandas(toy_lake, "cooccurrence")
+    warm = sorted(set(co["item_a"]))
+    want = []
+    for i in warm:
+        rows = co[co["item_a"] == i]
+        w = rows["weight"].to_numpy()
+        want.append(16.0 * (w[:, None] * np.stack([text_vec[j] for j in rows["item_b"]])).sum(0) / w.sum())
+    np.testing.assert_allclose(enc.id_vectors(warm), np.stack(want), atol=1e-4)
+    both = dict(zip(ids, enc.embed_items(ids, texts)))  # the served vectors: text + ID for warm items
+    assert _cos_by_group(both, both[COLD])["A"] > _cos_by_group(both, both[COLD])["B"] + 0.1
     assert enc.has_vector(["A0", "B3"]).all() and not enc.has_vector([COLD]).any()  # cold: text alone
     assert trained > 0.1 and trained > untrained + 0.1
     top = neighbours_by_title(res["model_dir"], toy_lake, ["red apple fruit cold"], k=5)["red apple fruit cold"]

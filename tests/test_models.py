@@ -121,9 +121,50 @@ def test_fusion_adds_id_vectors_before_normalising(tmp_path):
     enc = load_encoder(d, device="cpu")
     texts = ["red retrospot cake stand", "JUMBO BAG RED RETROSPOT"]
     got = enc.embed_items(["known", "new-item"], texts, batch_size=1)
-    pooled = reference(model, tok, texts)
+    pooled = unit(reference(model, tok, texts))  # the text vector: the normalised pooled output
     np.testing.assert_allclose(got[0], unit(pooled[0] + id_vecs[0]), atol=1e-5)
-    np.testing.assert_allclose(got[1], unit(pooled[1]), atol=1e-5)  # no history -> pure text vector
+    np.testing.assert_allclose(got[1], pooled[1], atol=1e-5)  # no history -> pure text vector
+
+
+def test_lexical_block_matches_sklearn_tfidf_and_round_trips(tmp_path):
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    from common.lexical import LEXICAL_FILE, Lexical
+
+    lex = Lexical.fit(TEXTS, max_features=1000)
+    want = TfidfVectorizer(sublinear_tf=True).fit_transform(TEXTS).toarray()  # the obvious reference
+    assert lex.vocabulary == tuple(TfidfVectorizer().fit(TEXTS).get_feature_names_out())
+    np.testing.assert_allclose(lex.transform(TEXTS), want, atol=1e-6)
+    assert Lexical.fit(TEXTS, max_features=3).size == 3  # the cap bounds the vector size
+    (tmp_path / "x").mkdir()
+    lex.save(tmp_path / "x")
+    assert (tmp_path / "x" / LEXICAL_FILE).exists()
+    again = Lexical.load(tmp_path / "x")
+    new = ["red cake stand for christmas", "zzz unknown words"]
+    np.testing.assert_allclose(again.transform(new), lex.transform(new), atol=0)
+    assert not again.transform(["zzz"]).any()  # no known term: a zero row, not NaN
+
+
+def test_fusion_with_lexical_block_concatenates_weighted_unit_blocks(tmp_path):
+    from common.lexical import Lexical
+
+    lex = Lexical.fit(TEXTS, max_features=1000)
+    ids = ["known"]
+    id_vec = np.random.default_rng(1).normal(size=(1, 32 + lex.size)).astype(np.float32)
+    model, tok = tiny_bert()
+    meta = {"kind": "fusion", "model_version": "lex-0", "pooling": "mean", "max_length": 64, "dim": 32 + lex.size,
+            "lexical": {"dense_weight": 0.6}}  # fmt: skip
+    d = save_export(tmp_path / "f", meta, model=model, tokenizer=tok, id_embeddings=(ids, id_vec), lexical=lex)
+    assert read_meta(d)["lexical"] == {"vocab_size": lex.size, "dense_weight": 0.6}
+    enc = load_encoder(d, device="cpu")
+    texts = ["red retrospot cake stand", "christmas lights"]
+    text_vec = np.hstack([0.6 * unit(reference(model, tok, texts)), 0.8 * lex.transform(texts)])
+    np.testing.assert_allclose(enc.embed(texts), text_vec, atol=1e-5)
+    got = enc.embed_items(["known", "cold"], texts)
+    np.testing.assert_allclose(got[0], unit(text_vec[0] + id_vec[0]), atol=1e-5)
+    np.testing.assert_allclose(got[1], text_vec[1], atol=1e-5)
+    with pytest.raises(InputError, match="hidden_size"):  # dim must count the lexical block
+        save_export(tmp_path / "g", {**meta, "dim": 32}, model=model, tokenizer=tok, lexical=lex)
 
 
 def test_minilm_bare_dir():

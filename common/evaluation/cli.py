@@ -69,9 +69,13 @@ class EvaluateConfig(JobConfig):
     projection_max_points: int = 3000
     clusters: int = 8  # co-occurrence clusters colouring the projection when there is no category
     progress: bool = True
+    # "val" scores the val sessions instead of test: tune any model or setting there, never on test
+    eval_split: str = "test"
 
     def validate(self) -> None:
         super().validate()
+        if self.eval_split not in ("test", "val"):
+            raise ConfigError(f"eval_split={self.eval_split!r}: use test (the report) or val (tuning)")
         if not self.ks or min(self.ks) < 1:
             raise ConfigError(f"ks={self.ks}: give positive cut-offs, e.g. --set ks=10,20")
         if self.curve_max_k < max(self.ks) or self.curve_max_k < self.ndcg_k or self.ndcg_k < 1:
@@ -344,11 +348,11 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
     texts, categories, titles, n0 = load_texts(cfg.lake, cfg.text_template)
     notes += n0
     train = sessions[sessions["split"] == "train"]
-    test = sessions[sessions["split"] == "test"]
+    test = sessions[sessions["split"] == cfg.eval_split]
     if not len(train) or not len(test):
         raise InputError(
-            f"sessions has {len(train)} train and {len(test)} test sessions: both are needed; "
-            "rebuild with `prodrep sessions --test-from DATE`"
+            f"sessions has {len(train)} train and {len(test)} {cfg.eval_split} sessions: both are needed; "
+            f"rebuild with `prodrep sessions --test-from DATE`{' --val-from DATE' if cfg.eval_split == 'val' else ''}"
         )
     t0 = time.perf_counter()
     ctx = build_context(
@@ -370,7 +374,8 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
     dataset = {
         "sessions_version": L.table_version(cfg.lake, "sessions"),
         "catalog_version": L.table_version(cfg.lake, "catalog"),
-        "test_sessions": int(len(test)),
+        "eval_split": cfg.eval_split,
+        "test_sessions": int((sessions["split"] == "test").sum()),
         "val_sessions": int((sessions["split"] == "val").sum()),
         "catalog_items": len(texts),
         **ctx.dataset_counts(),
