@@ -86,7 +86,7 @@ class ItemsConfig(JobConfig):
     epochs: int = 1
     pairs: int | None = None  # positive pairs per epoch (default: id 2,000,000; fusion 20,000)
     batch_size: int | None = None  # pairs per step on each worker (default: id 2048; fusion 64)
-    lr: float | None = None  # default: id 0.025 (SGD, summed loss, linear decay); fusion 5e-5 (encoder, AdamW)
+    lr: float | None = None  # default: id 0.01 (Adam) / 0.025 (SGD, summed loss); both decay linearly; fusion 5e-5 (AdamW)
     pair_signal: Literal["weight", "count", "cosine", "ppmi"] | None = None  # default: id count; fusion weight
     pair_power: float = 1.0
     max_pairs_per_item: int | None = None  # cap on expected pairs anchored on one item (0 = off)
@@ -95,6 +95,8 @@ class ItemsConfig(JobConfig):
     dim: int = 64
     negatives: int = 10
     neg_alpha: float = 0.75  # negatives ∝ freq^alpha (word2vec 0.75; try lower / negative on val)
+    # id: "adam" on the mean loss, or "sgd" on the summed loss (word2vec's recipe; see train_loop_per_worker)
+    id_optimizer: Literal["adam", "sgd"] = "adam"
     # fusion
     init: str | None = None  # MLM run dir or pretrained HF dir; default: bundled all-MiniLM-L6-v2
     pooling: Literal["mean", "cls"] = "mean"
@@ -103,10 +105,10 @@ class ItemsConfig(JobConfig):
     learn_temperature: bool = False
     text_steps: int | None = None  # fusion stage 1 (encoder fine-tune) steps; default 40; 0 = epochs x one pass over `pairs`
     lexical_features: int = 4096  # TF-IDF block beside the dense encoder (common.lexical); 0 = dense only
-    dense_weight: float = 0.5  # text vector = [w * dense, sqrt(1 - w^2) * tfidf]
+    dense_weight: float = 0.3  # text vector = [w * dense, sqrt(1 - w^2) * tfidf]; val: 0.2..0.7 within 0.003 R@20
     id_embeddings: bool = True
     id_init: Literal["propagate", "zero"] = "propagate"  # stage 2 start: id_beta x co-occurrence-weighted mean of neighbours' text vectors
-    id_beta: float = 16.0  # Online Retail val: 12..24 within 0.003 Recall@20 of each other (module doc)
+    id_beta: float = 12.0  # Online Retail val: 12..24 within 0.003 Recall@20 of each other (module doc)
     id_epochs: int = 0  # fusion stage 2: InfoNCE passes over the pairs refining the ID vectors (0 = keep the init)
     id_batch_size: int = 1024  # fusion stage 2: pairs per step on each worker
     id_lr: float = 0.05
@@ -139,6 +141,8 @@ class ItemsConfig(JobConfig):
                               f"{self.dense_weight} in (0, 1] (1 = the lexical block gets no weight)")  # fmt: skip
         if not 0.0 <= self.id_dropout < 1.0:
             raise ConfigError(f"id_dropout={self.id_dropout}: must be in [0, 1)")
+        if self.id_optimizer not in ("adam", "sgd"):
+            raise ConfigError(f"id_optimizer={self.id_optimizer!r}: use adam or sgd")
         if self.dim < 2 or self.negatives < 1:
             raise ConfigError("dim must be >= 2 and negatives >= 1")
         if self.init and not Path(self.init).exists():
@@ -155,7 +159,7 @@ class ItemsConfig(JobConfig):
         defaults = {
             "pairs": 20_000 if fusion else 2_000_000,
             "batch_size": 64 if fusion else 2048,
-            "lr": 5e-5 if fusion else 0.025,
+            "lr": 5e-5 if fusion else (0.025 if self.id_optimizer == "sgd" else 0.01),
             "text_steps": 40 if fusion else None,
             "pair_signal": "weight" if fusion else "count",
             "max_pairs_per_item": 40 if fusion else 0,
@@ -366,7 +370,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         raw = SkipGram(n_items, int(config["dim"]), seed)
         model = ray.train.torch.prepare_model(raw)
         # word2vec's recipe: plain SGD on the summed per-pair loss with a linearly decaying rate
-        opt = torch.optim.SGD(model.parameters(), lr=float(config["lr"]))
+        if config.get("id_optimizer", "adam") == "sgd":
+            opt = torch.optim.SGD(model.parameters(), lr=float(config["lr"]))
+        else:
+            # Batched word2vec with SGD on the summed loss adds up every occurrence of a row in the
+            # batch: a popular item drawn as a negative a few hundred times per 2,048-pair batch moves
+            # by hundreds x lr in one step (word2vec avoids this by updating pair by pair).
+            opt = torch.optim.Adam(model.parameters(), lr=float(config["lr"]))
         sampler = NegativeSampler(items["freq"].to_numpy(), float(config["neg_alpha"]), seed=seed * 1000 + rank)
         warm = 0
     sched = _linear_schedule(opt, total_steps, warm)
@@ -397,7 +407,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 neg = sampler.sample(len(a), int(config["negatives"]))
                 loss = model(a.to(device), b.to(device), neg.to(device))
                 opt.zero_grad(set_to_none=True)
-                (loss * len(a)).backward()  # summed loss: each pair moves its rows by ~lr, as in word2vec
+                # sgd: summed loss, each pair moves its rows by ~lr as in word2vec; adam: the mean
+                (loss * len(a) if config.get("id_optimizer", "adam") == "sgd" else loss).backward()
             opt.step()
             sched.step()
             step += 1

@@ -94,7 +94,7 @@ def test_id_model_learns_groups(toy_lake, ray_local):
     from common.models import load_encoder, read_meta
     from ray_train.items import ItemsConfig, train_items
 
-    cfg = build_config(ItemsConfig, None, lake=toy_lake, kind="id", dim=16, pairs=8000, batch_size=256, epochs=2,
+    cfg = build_config(ItemsConfig, None, lake=toy_lake, kind="id", dim=16, pairs=8000, batch_size=64, epochs=3,
                        neg_alpha=0.75, subsample=0, workers=2)  # fmt: skip
     res = train_items(cfg)
     meta = read_meta(res["model_dir"])
@@ -141,7 +141,7 @@ def test_fusion_cold_item_lands_in_its_text_group(toy_lake, tiny_bert, ray_local
     trained, enc = separation(res["model_dir"])
     untrained, _ = separation(tiny_bert)
     # stage 2 = a distributed sparse x dense product over 2 workers: check it against numpy on the
-    # export's own text vectors: e_i = id_beta * sum_j w_ij t_j / sum_j w_ij
+    # export's own text vectors: e_i = id_beta (12, the default) * sum_j w_ij t_j / sum_j w_ij
     text_vec = dict(zip(ids, enc.embed(texts)))
     co = read_pandas(toy_lake, "cooccurrence")
     warm = sorted(set(co["item_a"]))
@@ -149,7 +149,7 @@ def test_fusion_cold_item_lands_in_its_text_group(toy_lake, tiny_bert, ray_local
     for i in warm:
         rows = co[co["item_a"] == i]
         w = rows["weight"].to_numpy()
-        want.append(16.0 * (w[:, None] * np.stack([text_vec[j] for j in rows["item_b"]])).sum(0) / w.sum())
+        want.append(12.0 * (w[:, None] * np.stack([text_vec[j] for j in rows["item_b"]])).sum(0) / w.sum())
     np.testing.assert_allclose(enc.id_vectors(warm), np.stack(want), atol=1e-4)
     both = dict(zip(ids, enc.embed_items(ids, texts)))  # the served vectors: text + ID for warm items
     assert _cos_by_group(both, both[COLD])["A"] > _cos_by_group(both, both[COLD])["B"] + 0.1
