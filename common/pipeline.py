@@ -132,13 +132,28 @@ def _train_items(spark, lake: str, args: argparse.Namespace) -> None:
         print(items.format_result(res))
         _STATE["models"][kind] = res["model_dir"]
         try:
-            shown = items.neighbours_by_title(res["model_dir"], lake, DEMO_ITEMS, k=5)
+            titles = list(DEMO_ITEMS)
+            cold = _cold_example(res["model_dir"], lake) if kind == "fusion" else None
+            if cold:
+                titles.append(cold)
+            shown = items.neighbours_by_title(res["model_dir"], lake, titles, k=5)
             for title, rows in shown.items():
-                print(f"  {title}:")
+                print(f"  {title}{'  (cold: no history, text alone)' if title == cold else ''}:")
                 for _, n_title, score in rows:
                     print(f"      {score:6.3f}  {n_title}")
         except Exception as e:  # titles absent from a user's own dataset
             print(f"(neighbour preview skipped: {e})")
+
+
+def _cold_example(model_dir: str, lake: str) -> str | None:
+    """Title of a catalog item the model has no behaviour vector for (never in a train session)."""
+    from common.lake import read_pandas
+    from common.models import load_encoder
+
+    cat = read_pandas(lake, "catalog", columns=["item_id", "title"]).sort_values("item_id", kind="stable")
+    enc = load_encoder(model_dir, device="cpu")
+    cold = cat[~enc.has_vector(cat["item_id"].astype(str).tolist()) & (cat["title"].str.split().str.len() >= 3)]
+    return None if cold.empty else str(cold["title"].iloc[0])
 
 
 def _model_dirs(lake: str) -> list[str]:
