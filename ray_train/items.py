@@ -596,6 +596,11 @@ def train_items(cfg: ItemsConfig) -> dict[str, Any]:
         # Materialised up front: with every CPU held by training workers, a lazy dataset would never run.
         datasets["cooc"] = cooc_weights(cfg.lake, vocab, version=inputs["cooccurrence"]).materialize()
         split.append("cooc")
+    for name in ("items", "cooc"):
+        if name in datasets:
+            # read whole once per worker: their progress bars would otherwise keep redrawing, from every
+            # worker, over the training output for the rest of the run
+            datasets[name].context.enable_progress_bars = False
     loop_config = {
         **hp,
         "pairs": n_pairs,
