@@ -28,9 +28,10 @@
 
   Chosen on Online Retail's **val** split (train < 2011-08-15 <= val < 2011-10-01; test never looked
   at), Recall@20 overall / cold queries: without the lexical block 0.164 / 0.124 (MiniLM text, same
-  propagation), with it 0.182 / 0.138 (co-occurrence count on the same split: 0.176 / 0.054). Flat
-  around the defaults: dense weight w 0.3-0.7 and id_beta 12-24 all within 0.003; stage-1 steps
-  20/40/80 within 0.0005. ``id_epochs`` refinement lost to the propagation init at the step counts a
+  propagation), with it 0.182 / 0.138 at w 0.5, id_beta 16 (co-occurrence count on the same split:
+  0.176 / 0.054). Flat around there: w 0.2-0.7 and id_beta 8-24 all within 0.005; stage-1 steps
+  20/40/80 within 0.0005; the defaults w 0.3, id_beta 12 give 0.184 / 0.141 on val and 0.158 / 0.153
+  on test (bench/results/items.md). ``id_epochs`` refinement lost to the propagation init at the step counts a
   2-core box allows.
 
   Why not learn ID and text jointly (the first version did): with a zero-init ID table at a much
