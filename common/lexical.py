@@ -22,6 +22,8 @@ from typing import Sequence
 
 import numpy as np
 
+from common.models import l2_normalize
+
 LEXICAL_FILE = "lexical.json"
 
 
@@ -55,7 +57,7 @@ class Lexical:
         tf = TfidfVectorizer(vocabulary=list(self.vocabulary), sublinear_tf=True, use_idf=False, norm=None,
                              dtype=np.float32).fit_transform([t or "" for t in texts])  # fmt: skip
         x = np.asarray(tf.multiply(self.idf[None, :].astype(np.float32)).toarray(), dtype=np.float32)
-        return _normalize(x)
+        return l2_normalize(x)
 
     def save(self, model_dir: str | os.PathLike) -> None:
         payload = {"kind": "tfidf", "sublinear_tf": True, "vocabulary": list(self.vocabulary), "idf": self.idf.tolist()}
@@ -71,15 +73,10 @@ class Lexical:
         return cls(tuple(d["vocabulary"]), np.asarray(d["idf"], dtype=np.float64))
 
 
-def _normalize(x: np.ndarray) -> np.ndarray:
-    n = np.linalg.norm(x, axis=1, keepdims=True)
-    return np.divide(x, n, out=np.zeros_like(x), where=n > 0)
-
-
 def text_vectors(pooled: np.ndarray, lexical: "Lexical | None", texts: Sequence[str], dense_weight: float) -> np.ndarray:
     """An item's text vector: ``[w * normalize(pooled), sqrt(1 - w^2) * tfidf]`` (no lexical block:
     ``normalize(pooled)``). Each block has unit norm before weighting, so ``w`` alone sets the mix."""
-    dense = _normalize(np.asarray(pooled, dtype=np.float32))
+    dense = l2_normalize(np.asarray(pooled, dtype=np.float32))
     if lexical is None:
         return dense
     w = float(dense_weight)

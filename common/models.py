@@ -170,7 +170,10 @@ def save_export(
     if lexical is not None:
         if kind != "fusion":
             raise InputError(f"save_export: a lexical block only belongs to kind 'fusion', not {kind!r}")
-        full["lexical"] = {"vocab_size": lexical.size, "dense_weight": float((full.get("lexical") or {}).get("dense_weight", 0.5))}
+        weight = (full.get("lexical") or {}).get("dense_weight")
+        if weight is None:
+            raise InputError('save_export: a lexical block needs meta["lexical"] = {"dense_weight": w} (the mix it was trained with)')
+        full["lexical"] = {"vocab_size": lexical.size, "dense_weight": float(weight)}
     path = Path(out_dir)
     if "://" in str(out_dir) and not str(out_dir).startswith("file://"):
         raise InputError(f"save_export: {out_dir} is remote; export to a local dir and copy it (e.g. `aws s3 sync`)")
@@ -398,8 +401,8 @@ class TextEncoder:
         return out
 
     def embed(self, texts: Sequence[str], batch_size: int = 256, progress: bool = False) -> np.ndarray:
-        """Embed texts -> (n, dim) float32, L2-normalised, in input order (with a lexical block:
-        :func:`common.lexical.text_vectors`, also unit-norm)."""
+        """Embed texts -> (n, dim) float32, L2-normalised, in input order. With a lexical block:
+        :func:`common.lexical.text_vectors`, unit-norm except for a text with no known term (norm w)."""
         from common.lexical import text_vectors
 
         return text_vectors(self._pooled(texts, batch_size, progress), self.lexical, texts, self.dense_weight)

@@ -147,12 +147,15 @@ def _train_items(spark, lake: str, args: argparse.Namespace) -> None:
 
 def _cold_example(model_dir: str, lake: str) -> str | None:
     """Title of a catalog item the model has no behaviour vector for (never in a train session)."""
+    from pathlib import Path
+
     from common.lake import read_pandas
-    from common.models import load_encoder
+    from common.models import ID_EMBEDDINGS_FILE, read_vectors
 
     cat = read_pandas(lake, "catalog", columns=["item_id", "title"]).sort_values("item_id", kind="stable")
-    enc = load_encoder(model_dir, device="cpu")
-    cold = cat[~enc.has_vector(cat["item_id"].astype(str).tolist()) & (cat["title"].str.split().str.len() >= 3)]
+    path = Path(model_dir) / ID_EMBEDDINGS_FILE  # the ids alone: no need to load the encoder
+    warm = read_vectors(path)[0] if path.exists() else []
+    cold = cat[~cat["item_id"].astype(str).isin(set(warm)) & (cat["title"].str.split().str.len() >= 3)]
     return None if cold.empty else str(cold["title"].iloc[0])
 
 

@@ -370,8 +370,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     else:
         raw = SkipGram(n_items, int(config["dim"]), seed)
         model = ray.train.torch.prepare_model(raw)
-        # word2vec's recipe: plain SGD on the summed per-pair loss with a linearly decaying rate
-        if config.get("id_optimizer", "adam") == "sgd":
+        summed_loss = config["id_optimizer"] == "sgd"
+        if summed_loss:
+            # word2vec's recipe: plain SGD on the summed per-pair loss with a linearly decaying rate
             opt = torch.optim.SGD(model.parameters(), lr=float(config["lr"]))
         else:
             # Batched word2vec with SGD on the summed loss adds up every occurrence of a row in the
@@ -409,7 +410,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 loss = model(a.to(device), b.to(device), neg.to(device))
                 opt.zero_grad(set_to_none=True)
                 # sgd: summed loss, each pair moves its rows by ~lr as in word2vec; adam: the mean
-                (loss * len(a) if config.get("id_optimizer", "adam") == "sgd" else loss).backward()
+                (loss * len(a) if summed_loss else loss).backward()
             opt.step()
             sched.step()
             step += 1

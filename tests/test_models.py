@@ -163,6 +163,8 @@ def test_fusion_with_lexical_block_concatenates_weighted_unit_blocks(tmp_path):
     got = enc.embed_items(["known", "cold"], texts)
     np.testing.assert_allclose(got[0], unit(text_vec[0] + id_vec[0]), atol=1e-5)
     np.testing.assert_allclose(got[1], text_vec[1], atol=1e-5)
+    with pytest.raises(InputError, match="dense_weight"):  # the mix the block was trained with is required
+        save_export(tmp_path / "h", {**meta, "lexical": None}, model=model, tokenizer=tok, lexical=lex)
     with pytest.raises(InputError, match="hidden_size"):  # dim must count the lexical block
         save_export(tmp_path / "g", {**meta, "dim": 32}, model=model, tokenizer=tok, lexical=lex)
 
