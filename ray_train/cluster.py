@@ -22,7 +22,10 @@ def ensure_ray(num_cpus: int | None = None, object_store_memory: int | None = No
         # One logical CPU of headroom: training workers that take every core would leave Ray Data's
         # read/transform tasks a budget of 0 CPUs, and Train + Data then wait on each other forever.
         num_cpus = (os.cpu_count() or 1) + 1
+    # address="local": always a private Ray for local mode, even when `ray start` left a cluster on this
+    # machine (a bare ray.init() would silently join it and reject num_cpus/object_store_memory).
     ray.init(
+        address="local",
         num_cpus=num_cpus,
         object_store_memory=object_store_memory
         or int(os.environ.get("PRODREP_RAY_OBJECT_STORE", DEFAULT_OBJECT_STORE)),
