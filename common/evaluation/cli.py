@@ -25,6 +25,7 @@ import numpy as np
 
 from common.config import ConfigError, InputError, JobConfig, build_config, parse_overrides
 from common.evaluation import baselines as B
+from common.evaluation import itemitem as II
 from common.evaluation.metrics import ndcg_at_k, recall_at_k, recall_curve
 from common.evaluation.probe import category_probe, probe_items
 from common.evaluation.protocol import EvalContext, build_context, evaluate_scores
@@ -32,7 +33,7 @@ from common.text import DEFAULT_TEMPLATE, render
 
 log = logging.getLogger("prodrep.evaluate")
 
-BASELINES = ("popularity", "cooc_count", "cooc_cosine", "item2vec_default", "item2vec_tuned", "tfidf", "minilm")
+BASELINES = ("popularity", "cooc_count", "cooc_cosine", "rp3beta", "ease", "item2vec_default", "item2vec_tuned", "tfidf", "minilm")
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,11 @@ class EvaluateConfig(JobConfig):
     item2vec_workers: int = 2  # >1 is faster but not bit-reproducible (gensim threads)
     pseudo_val_fraction: float = 0.1  # no val split: most recent share of train sessions tunes item2vec
     tune_k: int = 20  # item2vec grid picks the best val Recall@tune_k
+    # RP3beta / EASE grids, chosen on the val split (or pseudo-val) like item2vec; beta=0 is always tried
+    rp3_alphas: tuple[float, ...] = II.RP3_ALPHAS
+    rp3_betas: tuple[float, ...] = II.RP3_BETAS
+    ease_lambdas: tuple[float, ...] = II.EASE_LAMBDAS
+    ease_max_items: int = II.EASE_MAX_ITEMS  # EASE is fitted on the items in the most train sessions
     probe_min_sessions: int = 5
     probe_folds: int = 5
     projection_max_points: int = 3000
@@ -91,6 +97,10 @@ class EvaluateConfig(JobConfig):
             raise ConfigError(f"pseudo_val_fraction={self.pseudo_val_fraction} must be in (0, 1), e.g. 0.1")
         if not (self.item2vec_epochs and self.item2vec_ns_exponents and self.item2vec_samples):
             raise ConfigError("item2vec grid needs at least one value each for epochs, ns_exponents and samples")
+        if not self.rp3_alphas or min(self.rp3_alphas) <= 0 or (self.rp3_betas and min(self.rp3_betas) < 0):
+            raise ConfigError(f"rp3_alphas={self.rp3_alphas} must be > 0 and rp3_betas={self.rp3_betas} >= 0")
+        if not self.ease_lambdas or min(self.ease_lambdas) <= 0 or self.ease_max_items < 2:
+            raise ConfigError(f"ease_lambdas={self.ease_lambdas} must be > 0 and ease_max_items >= 2, e.g. --set ease_lambdas=100,500")
         if self.probe_folds < 2 or self.item2vec_workers < 1 or self.clusters < 2:
             raise ConfigError("probe_folds >= 2, item2vec_workers >= 1 and clusters >= 2 are required")
 
@@ -161,6 +171,7 @@ def summarise(ctx: EvalContext, hits: np.ndarray, cfg: EvaluateConfig) -> tuple[
     for k in cfg.ks[:-1] if len(cfg.ks) > 1 else ():
         extra[f"cold_recall@{k}"] = mean(recall_at_k(hits, n, k), cold)
     extra[f"cold_ndcg@{cfg.ndcg_k}"] = mean(ndcg_at_k(hits, n, cfg.ndcg_k), cold)
+    extra[f"warm_recall@{max(cfg.ks)}"] = mean(recall_at_k(hits, n, max(cfg.ks)), ~cold)
     curve = recall_curve(hits, n)
     curves = {
         "overall": [round(float(v), 5) for v in curve.mean(axis=0)] if len(curve) else [],
@@ -189,6 +200,15 @@ def build_method(name: str, ctx: EvalContext, cfg: EvaluateConfig, state: dict[s
         if "cooc_counts" not in state:
             state["cooc_counts"] = B.cooccurrence_counts(ctx)
         return B.Cooccurrence(ctx, name.split("_")[1], counts=state["cooc_counts"])
+    if name == "rp3beta":
+        chosen = tune_itemitem(name, ctx, cfg, state, II.rp3beta_grid(cfg.rp3_alphas, cfg.rp3_betas), II.RP3beta)
+        return II.RP3beta(ctx, **chosen)
+    if name == "ease":
+        def build(c: EvalContext, lam: float) -> II.EASE:
+            return II.EASE(c, lam, max_items=cfg.ease_max_items)
+
+        chosen = tune_itemitem(name, ctx, cfg, state, II.ease_grid(cfg.ease_lambdas), build)
+        return build(ctx, **chosen)
     if name.startswith("item2vec"):
         try:
             import gensim  # noqa: F401
@@ -223,25 +243,43 @@ def build_method(name: str, ctx: EvalContext, cfg: EvaluateConfig, state: dict[s
     return B.dense_from_mapping(name, ctx, part["item_id"].astype(str).tolist(), np.stack(part["embedding"].to_numpy()))
 
 
+def val_context(cfg: EvaluateConfig, state: dict[str, Any]) -> tuple[EvalContext, str]:
+    """(context over the val split or pseudo-val, its description), built once per run: every tuned
+    method chooses its hyper-parameters here, never on test."""
+    if "val_ctx" not in state:
+        tr, val, source = split_for_tuning(state["sessions"], cfg.pseudo_val_fraction)
+        state["val_ctx"] = build_context(
+            _lists(tr["item_ids"]),
+            _lists(val["item_ids"]),
+            val["session_id"].astype(str).tolist(),
+            state["texts"],
+            seed=cfg.seed,
+            per_session=cfg.queries_per_session,
+            max_queries=cfg.max_queries,
+            min_items=cfg.min_session_items,
+            max_items=cfg.max_session_items,
+        ), source
+    return state["val_ctx"]
+
+
 def tune(ctx: EvalContext, cfg: EvaluateConfig, state: dict[str, Any], fit_kw: dict[str, Any]) -> B.Item2VecParams:
     """Choose item2vec's grid point on the val split (or pseudo-val); never looks at test."""
-    tr, val, source = split_for_tuning(state["sessions"], cfg.pseudo_val_fraction)
-    val_ctx = build_context(
-        _lists(tr["item_ids"]),
-        _lists(val["item_ids"]),
-        val["session_id"].astype(str).tolist(),
-        state["texts"],
-        seed=cfg.seed,
-        per_session=cfg.queries_per_session,
-        max_queries=cfg.max_queries,
-        min_items=cfg.min_session_items,
-        max_items=cfg.max_session_items,
-    )
+    val_ctx, source = val_context(cfg, state)
     grid = B.item2vec_grid(cfg.item2vec_epochs, cfg.item2vec_ns_exponents, cfg.item2vec_samples)
     log.info("item2vec: tuning %d grid points on %s, %d val queries", len(grid), source, len(val_ctx.queries))
     t0 = time.perf_counter()
     chosen, rows = B.tune_item2vec(val_ctx, grid, k=cfg.tune_k, batch_size=cfg.batch_size, **fit_kw)
     state["item2vec"] = {"val_source": source, "val_queries": len(val_ctx.queries), "grid": rows, "chosen": chosen.label(), "tune_s": round(time.perf_counter() - t0, 1)}
+    return chosen
+
+
+def tune_itemitem(name: str, ctx: EvalContext, cfg: EvaluateConfig, state: dict[str, Any], grid: list[dict[str, Any]], build) -> dict[str, Any]:
+    """Choose a closed-form method's grid point on val (recorded under ``state["tuning"][name]``)."""
+    val_ctx, source = val_context(cfg, state)
+    t0 = time.perf_counter()
+    chosen, rows = II.tune_grid(val_ctx, grid, build, k=cfg.tune_k, batch_size=cfg.batch_size, label=name)
+    state.setdefault("tuning", {})[name] = {"val_source": source, "val_queries": len(val_ctx.queries), "grid": rows, "chosen": chosen, "tune_s": round(time.perf_counter() - t0, 1)}
+    log.info("%s: chose %s on %s", name, chosen, source)
     return chosen
 
 
@@ -448,6 +486,7 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
         "basket_completion": extra,
         "recall_curves": curves,
         "item2vec": state.get("item2vec", {}),
+        "tuning": state.get("tuning", {}),
         "projection_method": best,
         "notes": notes,
         "timings_s": {k: round(v, 1) for k, v in timings.items()},

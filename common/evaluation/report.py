@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import logging
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -138,20 +139,21 @@ def render_markdown(results: Mapping[str, Any], details: Mapping[str, Any], plot
         "at most the configured number of queries; targets = the other items of the session; candidates = "
         "train items + test items with text; ties broken by train popularity, then item id."
     )
-    lines += ["", "| method | R@10 | R@20 | NDCG@10 | cold R@10 | cold R@20 | cold NDCG@10 | queries | cold |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "| method | R@10 | R@20 | NDCG@10 | warm R@20 | cold R@10 | cold R@20 | cold NDCG@10 | queries | cold |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in basket_rows(results, details):
         lines.append(
             f"| {r['method']} | {_fmt(r.get('recall@10'))} | {_fmt(r.get('recall@20'))} | {_fmt(r.get('ndcg@10'))} | "
-            f"{_fmt(r.get('cold_recall@10'))} | {_fmt(r.get('cold_recall@20'))} | {_fmt(r.get('cold_ndcg@10'))} | "
+            f"{_fmt(r.get('warm_recall@20'))} | {_fmt(r.get('cold_recall@10'))} | {_fmt(r.get('cold_recall@20'))} | {_fmt(r.get('cold_ndcg@10'))} | "
             f"{r.get('queries')} | {r.get('cold_queries')} |"
         )
     lines += ["", "### Reading", ""] + [f"- {s}" for s in reading(results, details)]
-    i2v = details.get("item2vec", {})
-    if i2v.get("grid"):
-        lines += ["", f"### item2vec grid (val: {i2v.get('val_source')})", ""]
-        cols = list(i2v["grid"][0].keys())
-        lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-        lines += ["| " + " | ".join(_fmt(r[c], 4) for c in cols) + " |" for r in i2v["grid"]]
+    tuned = {"item2vec": details.get("item2vec", {}), **details.get("tuning", {})}
+    for name, t in tuned.items():
+        if t.get("grid"):
+            lines += ["", f"### {name} grid (val: {t.get('val_source')})", ""]
+            cols = list(t["grid"][0].keys())
+            lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+            lines += ["| " + " | ".join(_fmt(r[c], 4) for c in cols) + " |" for r in t["grid"]]
     lines += ["", "## Category probe", ""]
     if results.get("probe"):
         lines += ["| method | accuracy | macro-F1 | items | classes |", "|---|---|---|---|---|"]
@@ -196,9 +198,9 @@ def write_report(
 def print_summary(results: Mapping[str, Any], details: Mapping[str, Any], paths: Mapping[str, str] | None = None) -> None:
     """The table printed at the end of ``prodrep evaluate`` (rich when available)."""
     rows = basket_rows(results, details)
-    head = ["method", "R@10", "R@20", "NDCG@10", "cold R@20", "queries", "cold"]
+    head = ["method", "R@10", "R@20", "NDCG@10", "warm R@20", "cold R@20", "queries", "cold"]
     body = [
-        [r["method"], _fmt(r.get("recall@10")), _fmt(r.get("recall@20")), _fmt(r.get("ndcg@10")), _fmt(r.get("cold_recall@20")), str(r.get("queries")), str(r.get("cold_queries"))]
+        [r["method"], _fmt(r.get("recall@10")), _fmt(r.get("recall@20")), _fmt(r.get("ndcg@10")), _fmt(r.get("warm_recall@20")), _fmt(r.get("cold_recall@20")), str(r.get("queries")), str(r.get("cold_queries"))]
         for r in rows
     ]
     try:
@@ -207,10 +209,13 @@ def print_summary(results: Mapping[str, Any], details: Mapping[str, Any], paths:
 
         t = Table(title="basket completion (test split)")
         for h in head:
-            t.add_column(h, justify="left" if h == "method" else "right")
+            if h == "method":  # method names are the point of the table: never elided
+                t.add_column(h, justify="left", no_wrap=True, min_width=max([len(b[0]) for b in body] + [6]))
+            else:
+                t.add_column(h, justify="right")
         for b in body:
             t.add_row(*b)
-        Console().print(t)
+        Console(width=None if sys.stdout.isatty() else 160).print(t)  # logs: no 80-column squeeze
     except ImportError:  # pragma: no cover - rich is a dependency, plain text is the fallback
         w = [max(len(x) for x in col) for col in zip(head, *body)]
         for r in [head, *body]:
