@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from common.config import ConfigError, InputError
@@ -51,6 +52,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``prodrep`` console script; returns the process exit code."""
+    from_command_line = argv is None  # console script / python -m: end the process (see exit_process)
     argv = sys.argv[1:] if argv is None else argv
     command = next((a for a in argv if a in COMMANDS), None)
     args = build_parser(command).parse_args(argv)
@@ -59,7 +61,35 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    return run_guarded(args._runner, args)
+    code = run_guarded(args._runner, args)
+    if from_command_line:
+        exit_process(code)
+    return code
+
+
+def exit_process(code: int) -> None:
+    """End a command-line run with exactly the job's exit code.
+
+    Why: a job that had committed sometimes exited 134 ("terminate called without an active
+    exception"): at interpreter exit, C++ static destructors / finalizers run while native threads
+    (delta-rs' tokio runtime, Arrow's thread pools, Spark's py4j callback threads) are still
+    joinable, and ``std::terminate`` aborts the process. Everything the job promised is durable by
+    now (Delta commits are atomic files, stdout/stderr are flushed below), so we stop Spark and Ray
+    cleanly and leave with ``os._exit``, which skips that native teardown.
+    """
+    if "pyspark" in sys.modules:
+        from pyspark.sql import SparkSession
+
+        session = SparkSession.getActiveSession()
+        if session is not None:
+            session.stop()
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def job_main(module_name: str, prog: str, argv: list[str] | None = None) -> int:
@@ -69,7 +99,10 @@ def job_main(module_name: str, prog: str, argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     parser = argparse.ArgumentParser(prog=prog, description=(module.__doc__ or "").strip().splitlines()[0])
     module.configure_parser(parser)
-    return run_guarded(module.run_from_args, parser.parse_args(argv))
+    code = run_guarded(module.run_from_args, parser.parse_args(argv))
+    if argv is None:  # spark-submit / python -m: end the process with the job's code
+        exit_process(code)
+    return code
 
 
 def run_guarded(runner, args) -> int:
@@ -82,6 +115,14 @@ def run_guarded(runner, args) -> int:
     except KeyboardInterrupt:
         print("prodrep: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        # Raised in Spark's driver-side Python worker, it reaches us wrapped: match it by name.
+        text = str(e)
+        if "DeltaCommitConflict" in type(e).__name__ or "conflicts with a concurrent writer" in text:
+            line = next((ln for ln in text.splitlines() if "conflicts with a concurrent writer" in ln), text)
+            print(f"prodrep: error: {line.strip()}", file=sys.stderr)
+            return 3
+        raise
 
 
 if __name__ == "__main__":

@@ -5,25 +5,37 @@ Python Data Source API lets each task write Parquet files and report them to the
 delta-rs transaction commits them all. The result is a standard Delta table that delta-spark, delta-rs,
 Ray Data, DuckDB, ... read.
 
-Guarantees
-- One Spark write = one Delta commit (append or overwrite). Overwrite removes the old files logically in
-  the same commit, so readers see either the old or the new version.
+Guarantees (each is tested in tests/test_delta_lake.py / tests/test_reliability.py)
+- One Spark write = one Delta commit (append, overwrite, or a partition-scoped replace with the
+  ``replace_where`` option). Overwrite removes the old files logically in the same commit, so readers
+  see either the old or the new version.
+- Optimistic concurrency: the writer records the version it read when Spark creates it on the driver
+  (before any task runs). At commit, every commit made since is checked: blind appends commute; an
+  overwrite conflicts with any concurrent data change, a ``replace_where`` replace with any concurrent
+  change inside its partition, either with a metadata change. A conflict raises
+  :class:`DeltaCommitConflict` (nothing committed, this job's files removed); otherwise the commit is
+  made against the latest version, and a lost race re-runs the check.
 - A failed job adds no version. Its data files are deleted by ``abort`` (tasks that reported) and by a
   sweep of files carrying this job's id (tasks that died mid-write); ``commit`` runs the same sweep for
   failed attempts of retried tasks.
-- Concurrent appends both land (delta-rs retries non-conflicting commits); a real conflict raises
-  :class:`DeltaCommitConflict` naming the table, after deleting this job's files.
+- Orphans of killed drivers are swept by the next successful write to the table: data files named by
+  this source (``part-<job id>-...``) that no version in the log references and whose job is not live
+  (marker ``_prodrep_jobs/<job>.json`` gone, or its driver JVM pid dead on this host; on another host,
+  older than ``PRODREP_ORPHAN_MAX_AGE_S``, default 24 h). Live concurrent writers' files are kept.
 
 Options (keys arrive lower-cased): ``path`` (table URI), ``table`` (lake table name -> schema and
 partition columns from :mod:`common.schemas`), ``partition_by`` (comma list, for other tables),
-``metadata`` (JSON stored as the commit's userMetadata), ``storage_options`` (JSON), ``versionAsOf``.
+``metadata`` (JSON stored as the commit's userMetadata), ``storage_options`` (JSON), ``versionAsOf``,
+``replace_where`` (JSON ``{partition column: value}``; with overwrite, replaces only that partition).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import re
+import socket
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -281,6 +293,13 @@ class DeltaWriter(DataSourceArrowWriter):
         self.job_id = uuid.uuid4().hex[:12]
         self.schema, self.partition_by = _target_schema(options, to_arrow_schema(schema, timezone="UTC"))
         self.target_file_rows = int(options.get("target_file_rows", 1_000_000))
+        # The version this job read, fixed now (on the driver, before any task runs): the commit checks
+        # every commit made after it (optimistic concurrency). -1 = the table did not exist yet.
+        self.read_version = _latest_version(self.uri, _storage(options))
+        self.replace_where = _parse_replace_where(options.get("replace_where"), self.partition_by, self.uri)
+        if self.replace_where and not overwrite:
+            raise ValueError(f"{self.uri}: replace_where needs mode('overwrite')")
+        self._register()
 
     # ---- executor side
     def write(self, iterator: Iterator[pa.RecordBatch]) -> DeltaCommitMessage:
@@ -364,48 +383,128 @@ class DeltaWriter(DataSourceArrowWriter):
 
     # ---- driver side
     def commit(self, messages: list[DeltaCommitMessage | None]) -> None:
-        from deltalake import CommitProperties, DeltaTable
-        from deltalake import Schema as DeltaSchema
-        from deltalake.exceptions import CommitFailedError
-        from deltalake.transaction import AddAction, create_table_with_add_actions
+        from deltalake import CommitProperties
+        from deltalake.transaction import AddAction
 
         adds = [AddAction(**a) for m in messages if m is not None for a in m.adds]
+        self._check_replace_where(adds)
         meta = self.options.get("metadata") or "{}"
-        props = CommitProperties(custom_metadata={"userMetadata": meta}, max_commit_retries=20)
+        # Zero delta-rs retries: a lost race comes back here, where *our* conflict rules (not delta-rs'
+        # looser ones: it lets an overwrite absorb a concurrent append) decide against the new commits.
+        props = CommitProperties(custom_metadata={"userMetadata": meta}, max_commit_retries=0)
         so = _storage(self.options)
-        mode = "overwrite" if self.overwrite else "append"
         committed = {a.path for a in adds}
+        _commit_barrier()
+        if os.environ.get("PRODREP_FAULT") == "delta:before_commit":  # test hook: the driver dies mid-write
+            os.kill(_driver_pid(), 9)
         try:
-            if DeltaTable.is_deltatable(self.uri, so):
-                dt = DeltaTable(self.uri, storage_options=so)
-                dt.create_write_transaction(
-                    adds, mode=mode, schema=self.schema, partition_by=self.partition_by or None, commit_properties=props
-                )
+            for _ in range(50):
+                if self._try_commit(adds, props, so):
+                    break
+                time.sleep(0.05)
             else:
-                create_table_with_add_actions(
-                    self.uri,
-                    DeltaSchema.from_arrow(self.schema),
-                    adds,
-                    mode=mode,
-                    partition_by=self.partition_by or None,
-                    storage_options=so,
-                    commit_properties=props,
-                )
-        except CommitFailedError as e:
+                raise DeltaCommitConflict(f"commit to {self.uri} lost the race for a new version 50 times; re-run the job")
+        except BaseException:
             self._delete_job_files(keep=set())
-            raise DeltaCommitConflict(
-                f"commit to {self.uri} conflicted with a concurrent writer and was rolled back: {e}. "
-                "Re-run the job (appends are retried automatically; overwrites and schema changes conflict)."
-            ) from e
-        except Exception:
-            self._delete_job_files(keep=set())
+            self._release()
             raise
-        # Failed attempts of retried tasks leave files no message mentions: sweep them.
+        # Failed attempts of retried tasks leave files no message mentions: sweep them, then orphans of
+        # dead jobs (killed drivers / tasks that outlived them).
         self._delete_job_files(keep=committed)
+        self._release()
+        swept = sweep_orphans(self.uri, so)
+        if swept:
+            log.info("swept %d orphan data file(s) of dead writers from %s", swept, self.uri)
+
+    def _try_commit(self, adds: list, props, so: dict[str, str] | None) -> bool:
+        """One commit attempt against the latest version; False = lost a race (retry after re-checking)."""
+        from deltalake import DeltaTable
+        from deltalake import Schema as DeltaSchema
+        from deltalake.exceptions import CommitFailedError
+        from deltalake.transaction import create_table_with_add_actions
+
+        parts = self.partition_by or None
+        if not DeltaTable.is_deltatable(self.uri, so):
+            try:
+                create_table_with_add_actions(
+                    self.uri, DeltaSchema.from_arrow(self.schema), adds, mode="error", partition_by=parts,
+                    storage_options=so, commit_properties=props,
+                )
+                return True
+            except Exception:
+                if DeltaTable.is_deltatable(self.uri, so):
+                    return False  # a concurrent writer created the table first: check against it
+                raise
+        dt = DeltaTable(self.uri, storage_options=so)
+        conflict = self._conflict(read_commits(self.uri, self.read_version, dt.version()))
+        if conflict:
+            raise DeltaCommitConflict(
+                f"commit to {self.uri} conflicts with a concurrent writer: {conflict} after this job read "
+                f"version {self.read_version}; nothing was committed and this job's files were removed. "
+                "Re-run the job so it reads the new version."
+            )
+        if self.overwrite and self.replace_where:
+            filters = [(c, "=", v) for c, v in self.replace_where.items()]
+        else:
+            filters = None
+        try:
+            dt.create_write_transaction(
+                adds, mode="overwrite" if self.overwrite else "append", schema=self.schema,
+                partition_by=parts, partition_filters=filters, commit_properties=props,
+            )
+        except CommitFailedError:
+            return False
+        return True
+
+    def _conflict(self, commits: list[dict[str, Any]]) -> str | None:
+        """Delta's write-serializable rule for this write against the commits made since it read.
+
+        Blind appends commute with everything but schema changes. An overwrite read the whole table, a
+        partition-scoped replace read its partition: a concurrent add or remove there means this job
+        would drop or duplicate rows it never saw.
+        """
+        for c in commits:
+            if c["metadata"] and self.overwrite:
+                return f"version {c['version']} changed the table metadata"
+            if not self.overwrite:
+                continue
+            for pv in c["partitions"]:
+                if not self.replace_where or all(pv.get(k) == v for k, v in self.replace_where.items()):
+                    where = f" in {self.replace_where}" if self.replace_where else ""
+                    return f"version {c['version']} ({c['operation']}) changed data{where}"
+        return None
+
+    def _check_replace_where(self, adds: list) -> None:
+        """Rows outside the replaced partition would silently land beside it: refuse, as Delta does."""
+        if not self.replace_where:
+            return
+        for a in adds:
+            pv = a.partition_values or {}
+            if any(pv.get(k) != v for k, v in self.replace_where.items()):
+                raise ValueError(
+                    f"{self.uri}: written rows with partition {pv} do not match replace_where "
+                    f"{self.replace_where}; filter the DataFrame to that partition first"
+                )
 
     def abort(self, messages: list[DeltaCommitMessage | None]) -> None:
         removed = self._delete_job_files(keep=set())
+        self._release()
         log.warning("write to %s aborted; removed %d data file(s) of job %s", self.uri, removed, self.job_id)
+
+    def _register(self) -> None:
+        """Mark this job live (driver host + pid) so a concurrent sweep keeps its uncommitted files."""
+        fs, root = _filesystem(self.uri)
+        fs.create_dir(f"{root}/{JOBS_DIR}", recursive=True)
+        info = {"host": socket.gethostname(), "pid": _driver_pid(), "started": time.time()}
+        with fs.open_output_stream(f"{root}/{JOBS_DIR}/{self.job_id}.json") as f:
+            f.write(json.dumps(info).encode())
+
+    def _release(self) -> None:
+        fs, root = _filesystem(self.uri)
+        try:
+            fs.delete_file(f"{root}/{JOBS_DIR}/{self.job_id}.json")
+        except (FileNotFoundError, OSError):
+            pass
 
     def _delete_job_files(self, keep: set[str]) -> int:
         """Delete this job's data files that are not in ``keep`` (paths relative to the table root)."""
@@ -427,3 +526,166 @@ class DeltaWriter(DataSourceArrowWriter):
             fs.delete_file(info.path)
             removed += 1
         return removed
+
+
+# ------------------------------------------------------------------------------ concurrency + hygiene
+JOBS_DIR = "_prodrep_jobs"  # one marker per live writer; Delta readers ignore "_" directories
+ORPHAN_MAX_AGE_S = float(os.environ.get("PRODREP_ORPHAN_MAX_AGE_S", 24 * 3600))
+_JOB_FILE = re.compile(r"part-([0-9a-f]{12})-")
+
+
+def _latest_version(uri: str, so: dict[str, str] | None) -> int:
+    from deltalake import DeltaTable
+
+    return DeltaTable(uri, storage_options=so).version() if DeltaTable.is_deltatable(uri, so) else -1
+
+
+def _parse_replace_where(raw: str | None, partition_by: list[str], uri: str) -> dict[str, str] | None:
+    """``replace_where`` option: JSON ``{"partition_col": "value", ...}`` (equality on partition columns
+    only, so the replaced set is exactly a set of files and the conflict check is exact)."""
+    if not raw:
+        return None
+    where = {str(k): _partition_string(v) for k, v in json.loads(raw).items()}
+    bad = sorted(set(where) - set(partition_by))
+    if bad:
+        raise ValueError(f"{uri}: replace_where columns {bad} are not partition columns {partition_by}")
+    return where
+
+
+def _log_dir(uri: str) -> tuple[pafs.FileSystem, str]:
+    fs, root = _filesystem(uri.rstrip("/"))
+    return fs, f"{root}/_delta_log"
+
+
+def _log_entries(fs: pafs.FileSystem, path: str) -> Iterator[dict[str, Any]]:
+    with fs.open_input_stream(path) as f:
+        for line in f.read().decode().splitlines():
+            if line.strip():
+                yield json.loads(line)
+
+
+def read_commits(uri: str, after: int, upto: int) -> list[dict[str, Any]]:
+    """Commits ``after < version <= upto`` from the log: version, operation, partitions of every file
+    added or removed, and whether the table metadata changed."""
+    fs, log_dir = _log_dir(uri)
+    out = []
+    for v in range(after + 1, upto + 1):
+        c: dict[str, Any] = {"version": v, "operation": "?", "partitions": [], "metadata": False}
+        for e in _log_entries(fs, f"{log_dir}/{v:020d}.json"):
+            if "commitInfo" in e:
+                c["operation"] = e["commitInfo"].get("operation", "?")
+            elif "metaData" in e and v > 0:
+                c["metadata"] = True
+            for kind in ("add", "remove"):
+                if kind in e and e[kind].get("dataChange", True):
+                    c["partitions"].append(e[kind].get("partitionValues") or {})
+        out.append(c)
+    return out
+
+
+def _referenced(uri: str, so: dict[str, str] | None) -> set[str]:
+    """Every data file any version still in the log adds or removes (time travel needs them all),
+    plus the current snapshot (covers versions folded into a checkpoint)."""
+    from urllib.parse import unquote
+
+    from deltalake import DeltaTable
+
+    fs, log_dir = _log_dir(uri)
+    refs = set(DeltaTable(uri, storage_options=so).file_uris())
+    for info in fs.get_file_info(pafs.FileSelector(log_dir)):
+        if info.base_name.endswith(".json") and info.base_name[:20].isdigit():
+            for e in _log_entries(fs, info.path):
+                for kind in ("add", "remove"):
+                    if kind in e:
+                        refs.add(unquote(e[kind]["path"]))
+    return {r.rsplit(uri.rstrip("/") + "/", 1)[-1] for r in refs}
+
+
+def _driver_pid() -> int:
+    """pid of the Spark driver JVM: Spark runs this writer's driver-side code in a short-lived Python
+    worker whose ancestor is the JVM; the JVM is what must be alive for the job to commit (it exits
+    when the user's Python driver dies). Falls back to this process off Linux."""
+    pid = os.getpid()
+    for _ in range(6):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                stat = f.read()
+        except OSError:
+            break
+        comm = stat[stat.index("(") + 1 : stat.rindex(")")]
+        if comm == "java":
+            return pid
+        pid = int(stat[stat.rindex(")") + 2 :].split()[1])
+        if pid <= 1:
+            break
+    return os.getpid()
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether a process runs (a zombie, killed but not yet reaped, is dead)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def _job_live(fs: pafs.FileSystem, root: str, job: str) -> bool:
+    """A job is live while its marker exists and its driver JVM runs (same host: pid check; another
+    host: until the marker is ORPHAN_MAX_AGE_S old, since we cannot see its processes)."""
+    try:
+        with fs.open_input_stream(f"{root}/{JOBS_DIR}/{job}.json") as f:
+            info = json.loads(f.read())
+    except (FileNotFoundError, OSError, ValueError):
+        return False
+    if info.get("host") == socket.gethostname():
+        return _pid_alive(int(info["pid"]))
+    return time.time() - float(info.get("started", 0)) < ORPHAN_MAX_AGE_S
+
+
+def sweep_orphans(uri: str, so: dict[str, str] | None) -> int:
+    """Delete data files this data source wrote that no log version references and whose job is not
+    live (a killed driver, or tasks that kept writing after it died). Files of live concurrent writers
+    are kept: they may still commit. Returns the number of files removed."""
+    fs, root = _filesystem(uri.rstrip("/"))
+    refs = _referenced(uri, so)
+    removed = 0
+    live: dict[str, bool] = {}
+    for info in fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True)):
+        rel = info.path[len(root) :].lstrip("/")
+        m = _JOB_FILE.match(info.base_name)
+        if info.type != pafs.FileType.File or not m or rel.startswith("_") or rel in refs:
+            continue
+        job = m.group(1)
+        if job not in live:
+            live[job] = _job_live(fs, root, job)
+        if not live[job]:
+            fs.delete_file(info.path)
+            removed += 1
+    for job, alive in live.items():  # markers of dead jobs are orphans too
+        if not alive:
+            try:
+                fs.delete_file(f"{root}/{JOBS_DIR}/{job}.json")
+            except (FileNotFoundError, OSError):
+                pass
+    return removed
+
+
+def _commit_barrier() -> None:
+    """Test hook (``PRODREP_COMMIT_BARRIER=<dir>:<n>``): wait before committing until ``n`` writers
+    have reached this point, so concurrent commits are forced to overlap. Unset in production."""
+    raw = os.environ.get("PRODREP_COMMIT_BARRIER")
+    if not raw:
+        return
+    folder, n = raw.rsplit(":", 1)
+    os.makedirs(folder, exist_ok=True)
+    open(os.path.join(folder, f"{os.getpid()}-{uuid.uuid4().hex[:6]}"), "w").close()
+    deadline = time.time() + 120
+    while len(os.listdir(folder)) < int(n) and time.time() < deadline:
+        time.sleep(0.05)

@@ -210,12 +210,17 @@ def write_spark(
     table: str,
     mode: Mode = "overwrite",
     metadata: Mapping[str, Any] | None = None,
+    replace_where: Mapping[str, str] | None = None,
 ) -> int:
     """Write a Spark DataFrame to a lake table as exactly one Delta commit; returns the new version.
 
     Columns are selected/cast to the table's schema (:mod:`common.schemas`); ``metadata`` (job,
     config, input versions, ...) is stored as the commit's userMetadata. Overwrite replaces the
-    table's contents atomically (readers see the old or the new version, never a mix).
+    table's contents atomically (readers see the old or the new version, never a mix);
+    ``replace_where={"model_version": v}`` replaces only that partition (every written row must be
+    in it), so writers of different partitions never overwrite each other. A concurrent commit that
+    touched the data this write replaces raises ``DeltaCommitConflict`` (see
+    :mod:`common.delta_source`).
     """
     schema = schema_for(table)
     df = conform_spark(df, schema)
@@ -224,7 +229,10 @@ def write_spark(
     spark = df.sparkSession
     if use_native_delta(spark):
         writer = df.write.format("delta").mode(mode).option("userMetadata", meta)
-        if mode == "overwrite":
+        if replace_where:
+            cond = " AND ".join(f"`{c}` = '{str(v).replace(chr(39), chr(39) * 2)}'" for c, v in replace_where.items())
+            writer = writer.option("replaceWhere", cond)
+        elif mode == "overwrite":
             writer = writer.option("overwriteSchema", "true")
         if schema.partition_by:
             writer = writer.partitionBy(*schema.partition_by)
@@ -233,15 +241,17 @@ def write_spark(
         from common.delta_source import register
 
         register(spark)
-        (
+        writer = (
             df.write.format(DATASOURCE_NAME)
             .mode(mode)
             .option("path", uri)
             .option("table", table)
             .option("metadata", meta)
             .option("storage_options", json.dumps(storage_options() or {}))
-            .save()
         )
+        if replace_where:
+            writer = writer.option("replace_where", json.dumps(dict(replace_where)))
+        writer.save()
     return table_version(lake, table)  # type: ignore[return-value]
 
 
@@ -283,6 +293,38 @@ def read_delta_uri(spark: "SparkSession", uri: str, version: int | None = None) 
     if version is not None:
         reader = reader.option("versionAsOf", str(version))
     return reader.load()
+
+
+# ------------------------------------------------------------------------------ ingest consistency
+INGEST_TABLES = ("events", "catalog", "quarantine")
+
+
+def check_ingest_consistent(lake: str) -> str | None:
+    """Refuse a lake whose events/catalog/quarantine come from different ingest runs; returns the run id.
+
+    Delta has no multi-table transaction, so ingest commits the three tables one after another, each
+    carrying the same ``ingest_run_id``; a driver killed between those commits leaves them disagreeing
+    until the next successful ingest. Downstream jobs call this first (one line) instead of silently
+    mixing runs. Tables no ingest wrote (no run id anywhere: written by other tools) are not judged.
+    """
+    runs = {t: (commit_info(lake, t).get("ingest_run_id") if exists(lake, t) else "<missing>") for t in INGEST_TABLES}
+    if all(r is None for r in runs.values()) or all(r in (None, "<missing>") for r in runs.values()):
+        return None
+    if len(set(runs.values())) != 1:
+        raise InputError(
+            f"lake {root(lake)}: events, catalog and quarantine come from different ingest runs {runs} "
+            "(an ingest was interrupted between its commits): re-run prodrep ingest"
+        )
+    return runs["events"]
+
+
+def fault_point(name: str) -> None:
+    """Fault-injection hook for tests: ``PRODREP_FAULT=<name>`` SIGKILLs this process at that point
+    (no cleanup, no atexit: a real crash). Unset in production, where this is one env lookup."""
+    if os.environ.get("PRODREP_FAULT") == name:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 # ------------------------------------------------------------------------------------------- metadata

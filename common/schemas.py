@@ -185,6 +185,27 @@ ITEM_NEIGHBORS = TableSchema(
     doc="Top-K neighbours of every item.",
 )
 
+# Quarantine reason codes, defined once (ingest writes them; dashboards and tests key on them).
+REASONS: dict[str, str] = {
+    "missing_field": "a required field (session_id, item_id, event_type, title, ...) is empty",
+    "malformed_row": "a CSV row with more or fewer fields than the header (kept verbatim in raw)",
+    "bad_encoding": "text that is not valid UTF-8 (decoded as U+FFFD)",
+    "cancellation": "session_id starts with a cancellation prefix",
+    "adjustment": "session_id starts with an accounting-adjustment prefix",
+    "non_product": "item_id is a fee/postage/... code",
+    "bad_timestamp": "ts does not parse (or is outside 1900..2200 after epoch-unit detection)",
+    "bad_quantity": "quantity is not a number",
+    "non_finite_quantity": "quantity is NaN or +-Infinity (including overflow such as 1e309)",
+    "non_positive_quantity": "quantity <= 0",
+    "bad_price": "price is not a number",
+    "non_finite_price": "price is NaN or +-Infinity",
+    "non_positive_price": "price < 0 (or <= 0 with reject_zero_price)",
+    "bad_user_id": "a numeric user id that is not an integer or does not fit in 64 bits",
+    "duplicate": "exact duplicate of an earlier row",
+    "unknown_item": "no catalog row with a title for the item",
+    "duplicate_item": "catalog item_id already has a row (first wins: sorted file path, then row order)",
+}
+
 TABLES: dict[str, TableSchema] = {
     t.name: t
     for t in (EVENTS, CATALOG, QUARANTINE, SESSIONS, COOCCURRENCE, TEXT_SHARDS, ITEM_EMBEDDINGS, ITEM_NEIGHBORS)

@@ -22,11 +22,9 @@ How it works
   GPU; use 1 for one task per GPU) plus ``spark.executor.resource.gpu.discoveryScript=<getGpusResources.sh>``.
 - ID models (kind ``id``) have no text encoder: their ``item_vectors.parquet`` is joined to the catalog
   and written in the same shape (text_hash null).
-- Output: only this model_version's rows are replaced. The job reads the current table (pinned
-  version), keeps other model versions' rows, and writes the union as one overwrite commit, so readers
-  see the old or the new table, never a mix. (A delta-rs/``replaceWhere`` partition overwrite would
-  avoid rewriting other models' rows, but ``common.lake.write_spark`` offers one atomic overwrite per
-  table, which keeps both Spark write paths identical.)
+- Output: only this model_version's partition is replaced, in one commit (``replace_where``): other
+  models' rows are neither read nor rewritten, so two embeds of different models running at the same
+  time both land; two of the same model end with one winner and a ``DeltaCommitConflict`` for the other.
 - ``--incremental``: rows of this model whose (item_id, text_hash) still match the catalog are kept;
   only new items and items whose text changed are embedded; items gone from the catalog are dropped.
   A re-run with nothing changed writes nothing.
@@ -286,7 +284,7 @@ def run(spark: "SparkSession", cfg: EmbedConfig) -> dict[str, Any]:
 
     emb_v = L.table_version(cfg.lake, "item_embeddings")
     previous = L.commit_info(cfg.lake, "item_embeddings", emb_v) if emb_v is not None else {}
-    others, mine = split_by_model(spark, cfg.lake, "item_embeddings", emb_v, version)
+    _, mine = split_by_model(spark, cfg.lake, "item_embeddings", emb_v, version)
 
     min_parts = cfg.partitions or spark.sparkContext.defaultParallelism
     kept = cached = None
@@ -325,8 +323,8 @@ def run(spark: "SparkSession", cfg: EmbedConfig) -> dict[str, Any]:
         incremental=cfg.incremental,
         models=models,
     )
-    out = merge_model_rows(others, kept, new)
-    new_v = L.write_spark(out, cfg.lake, "item_embeddings", mode="overwrite", metadata=metadata)
+    out = merge_model_rows(None, kept, new)  # other models' partitions stay as they are (replace_where)
+    new_v = L.write_spark(out, cfg.lake, "item_embeddings", mode="overwrite", metadata=metadata, replace_where={"model_version": version})
     if cached is not None:
         cached.unpersist()
     n_rows = L.read_arrow(cfg.lake, "item_embeddings", new_v, columns=["item_id"], filters=[("model_version", "=", version)]).num_rows

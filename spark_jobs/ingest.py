@@ -2,8 +2,11 @@
 
 Nothing is silently dropped: every source row ends up either in ``events`` / ``catalog`` or in
 ``quarantine`` with a reason code, and the job checks ``rows in = rows written + rows quarantined``
-before it returns. Outputs are overwritten as a whole, so re-running on the same input gives the same
-tables (one new Delta version each, same row counts).
+on the staged outputs BEFORE it commits anything. Outputs are overwritten as a whole, so re-running on
+the same input gives the same tables (one new Delta version each, same row counts). The three commits
+carry one ``ingest_run_id``; downstream jobs refuse a lake whose three tables disagree (a driver killed
+between commits) with "re-run prodrep ingest" (``common.lake.check_ingest_consistent``). Fault points
+for tests: ``PRODREP_FAULT=ingest:before_commit`` / ``ingest:after_commit:<table>`` SIGKILL the driver.
 
 Run: ``prodrep ingest --lake L --dataset online-retail`` or
 ``prodrep ingest --lake L --events F --events-map session_id=InvoiceNo,item_id=StockCode,...``
@@ -16,6 +19,7 @@ import argparse
 import logging
 import os
 import sys
+import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -23,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Literal, Mapping
 
 from common import lake as L
 from common.config import ConfigError, InputError, JobConfig, build_config, parse_overrides
-from common.schemas import CATALOG, EVENTS
+from common.schemas import CATALOG, EVENTS, REASONS
 
 if TYPE_CHECKING:  # pragma: no cover
     from pyspark.sql import Column, DataFrame, SparkSession
@@ -31,19 +35,14 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger(__name__)
 JOB = "ingest"
 
-# Reason codes (stable: dashboards and tests key on them).
-MISSING_FIELD = "missing_field"
-CANCELLATION = "cancellation"
-ADJUSTMENT = "adjustment"
-NON_PRODUCT = "non_product"
-BAD_TIMESTAMP = "bad_timestamp"
-BAD_QUANTITY = "bad_quantity"
-NON_POSITIVE_QUANTITY = "non_positive_quantity"
-BAD_PRICE = "bad_price"
-NON_POSITIVE_PRICE = "non_positive_price"
-DUPLICATE = "duplicate"
-UNKNOWN_ITEM = "unknown_item"
-DUPLICATE_ITEM = "duplicate_item"
+# Reason codes: defined once in common.schemas.REASONS; named here for the checks below.
+MISSING_FIELD, MALFORMED_ROW, BAD_ENCODING = "missing_field", "malformed_row", "bad_encoding"
+CANCELLATION, ADJUSTMENT, NON_PRODUCT = "cancellation", "adjustment", "non_product"
+BAD_TIMESTAMP, BAD_QUANTITY, NON_FINITE_QUANTITY = "bad_timestamp", "bad_quantity", "non_finite_quantity"
+NON_POSITIVE_QUANTITY, BAD_PRICE, NON_FINITE_PRICE = "non_positive_quantity", "bad_price", "non_finite_price"
+NON_POSITIVE_PRICE, BAD_USER_ID, DUPLICATE = "non_positive_price", "bad_user_id", "duplicate"
+UNKNOWN_ITEM, DUPLICATE_ITEM = "unknown_item", "duplicate_item"
+assert {v for k, v in dict(globals()).items() if k.isupper() and isinstance(v, str) and v in REASONS} == set(REASONS)
 
 EVENT_FIELDS = ("session_id", "user_id", "item_id", "event_type", "ts", "quantity", "price", "position", "split")
 CATALOG_FIELDS = ("item_id", "title", "description", "category", "brand", "price")
@@ -140,14 +139,23 @@ def detect_format(path: str, fmt: str) -> str:
     p = Path(path)
     if (p / "_delta_log").is_dir():
         return "delta"
-    suffixes = "".join(p.suffixes).lower() if p.is_file() else ""
     if p.is_dir():
-        exts = {f.suffix.lower() for f in p.iterdir() if f.is_file() and not f.name.startswith(("_", "."))}
-        suffixes = next(iter(exts), "")
-    for ext, name in ((".parquet", "parquet"), (".pq", "parquet"), (".csv", "csv"), (".jsonl", "json"), (".ndjson", "json"), (".json", "json")):
-        if ext in suffixes:
-            return name
+        found = sorted({_FORMAT_OF.get(f.suffix.lower()) for f in p.iterdir() if f.is_file() and not f.name.startswith(("_", "."))} - {None})
+        if len(found) > 1:  # one rule, independent of listing / hash order: refuse to guess
+            raise InputError(
+                f"{path}: directory holds {' and '.join(found)} files; keep one format per directory, or pass "
+                f"--events-format/--catalog-format {found[0]} to read only the *.{found[0]} files"
+            )
+        if found:
+            return found[0]
+    elif p.suffix.lower() in _FORMAT_OF:
+        return _FORMAT_OF[p.suffix.lower()]
     raise InputError(f"{path}: cannot tell the format from the name; pass --events-format/--catalog-format parquet|csv|json|delta")
+
+
+_FORMAT_OF = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".jsonl": "json", ".ndjson": "json", ".json": "json"}
+_GLOB_OF = {"parquet": "*.{parquet,pq}", "csv": "*.csv", "json": "*.{json,jsonl,ndjson}"}
+CORRUPT = "_corrupt_record"
 
 
 def read_source(spark: "SparkSession", path: str, fmt: str) -> "DataFrame":
@@ -155,13 +163,24 @@ def read_source(spark: "SparkSession", path: str, fmt: str) -> "DataFrame":
     if "://" not in path and not Path(path).exists():
         raise InputError(f"input {path} does not exist: check the path (relative paths are from {os.getcwd()})")
     fmt = detect_format(path, fmt)
+    reader = spark.read
+    if fmt in _GLOB_OF and "://" not in path and Path(path).is_dir():
+        reader = reader.option("pathGlobFilter", _GLOB_OF[fmt])  # a forced format reads only its files
     try:
         if fmt == "parquet":
-            df = spark.read.parquet(path)
+            # pandas writes nanosecond timestamps; read them as epoch-ns longs (ts detection handles them)
+            spark.conf.set("spark.sql.legacy.parquet.nanosAsLong", "true")
+            df = reader.parquet(path)
         elif fmt == "csv":
-            df = spark.read.option("header", "true").option("mode", "PERMISSIVE").csv(path)
+            # All strings, plus the corrupt-record column so ragged rows are caught, not padded/truncated.
+            header = reader.option("header", "true").csv(path).columns
+            schema = ", ".join(f"`{c}` STRING" for c in header) + f", {CORRUPT} STRING"
+            df = (
+                reader.option("header", "true").option("mode", "PERMISSIVE").option("columnNameOfCorruptRecord", CORRUPT)
+                .option("enforceSchema", "false").schema(schema).csv(path)
+            )  # fmt: skip
         elif fmt == "json":
-            df = spark.read.option("mode", "PERMISSIVE").json(path)
+            df = reader.option("mode", "PERMISSIVE").option("columnNameOfCorruptRecord", CORRUPT).json(path)
         else:
             df = L.read_delta_uri(spark, path)
         columns = df.columns
@@ -170,7 +189,7 @@ def read_source(spark: "SparkSession", path: str, fmt: str) -> "DataFrame":
     except Exception as e:  # Spark's AnalysisException etc.: one line, not a JVM trace
         first = str(e).strip().splitlines()[0][:300]
         raise InputError(f"{path}: could not read as {fmt} ({first}); check the file and --*-format") from None
-    if not columns or columns == ["_corrupt_record"]:
+    if not columns or columns == [CORRUPT]:
         raise InputError(f"{path}: no readable columns as {fmt}; is it really {fmt}?")
     if df.limit(1).count() == 0:
         raise InputError(f"{path}: input is empty (0 rows); nothing to ingest")
@@ -187,23 +206,41 @@ def check_mapping(df: "DataFrame", mapping: Mapping[str, str], path: str, flag: 
 
 
 # ---------------------------------------------------------------------------------------- transforms
+ORDER = ("_file", "_row")  # "first" = sorted file path, then position in the file (documented order)
+
+
 def with_raw(df: "DataFrame") -> "DataFrame":
-    """Keep each source row as JSON (for quarantine) and a stable row number (first-wins ordering)."""
+    """Keep each source row as JSON (for quarantine; a malformed CSV line verbatim), its file and a row
+    number (first-wins ordering), and whether the reader found it malformed."""
     from pyspark.sql import functions as F
 
-    source_cols = [F.col(f"`{c}`") for c in df.columns]
+    source_cols = [F.col(f"`{c}`") for c in df.columns if c != CORRUPT]
+    as_json = F.to_json(F.struct(*source_cols), {"ignoreNullFields": "false", "timestampFormat": "yyyy-MM-dd'T'HH:mm:ss.SSSXXX"})
+    corrupt = F.col(CORRUPT) if CORRUPT in df.columns else F.lit(None).cast("string")
     return df.select(
         "*",
-        F.to_json(F.struct(*source_cols), {"ignoreNullFields": "false", "timestampFormat": "yyyy-MM-dd'T'HH:mm:ss.SSSXXX"}).alias("_raw"),
+        F.coalesce(corrupt, as_json).alias("_raw"),
+        F.input_file_name().alias("_file"),
         F.monotonically_increasing_id().alias("_row"),
+        corrupt.isNotNull().alias("_malformed"),
     )
 
 
 def _trimmed(c: "Column") -> "Column":
     from pyspark.sql import functions as F
 
-    s = F.trim(c.cast("string"))
+    s = F.regexp_replace(c.cast("string"), rf"^{_SPACE}+|{_SPACE}+$", "")  # trim() strips ASCII spaces only
     return F.when(s == "", None).otherwise(s)
+
+
+# Whitespace incl. tabs, NBSP, U+3000 and the BOM: a title of only these is empty, not text.
+_SPACE = r"[\s\p{Z}\x{FEFF}]"
+
+
+def _squeeze(c: "Column") -> "Column":
+    from pyspark.sql import functions as F
+
+    return F.regexp_replace(c, rf"{_SPACE}+", " ")
 
 
 def map_events(df: "DataFrame", cfg: IngestConfig) -> "DataFrame":
@@ -216,10 +253,17 @@ def map_events(df: "DataFrame", cfg: IngestConfig) -> "DataFrame":
     if cfg.uppercase_item_ids:
         item = F.upper(item)
     user = src("user_id")
+    numeric_user = "user_id" in m and _is_numeric(df, m["user_id"])
     cols = {
         "session_id": _trimmed(src("session_id")),
         "item_id": item,
-        "user_id": _trimmed(user.cast("long").cast("string") if "user_id" in m and _is_numeric(df, m["user_id"]) else user),
+        "user_id": _trimmed(user.try_cast("decimal(38,0)").cast("string") if numeric_user else user),
+        "_user_raw_s": user.cast("string"),
+        "_user_bad": (
+            (user.isNotNull() & (F.isnan(user.cast("double")) | (user.cast("double") != F.floor(user.cast("double")))
+                                 | (F.abs(user.cast("double")) >= 2.0**63)))
+            if numeric_user else F.lit(False)
+        ),  # fmt: skip
         "event_type": _trimmed(src("event_type")) if "event_type" in m else F.lit(cfg.event_type),
         "_ts_raw": src("ts"),
         "_qty_raw": src("quantity"),
@@ -229,7 +273,7 @@ def map_events(df: "DataFrame", cfg: IngestConfig) -> "DataFrame":
     }
     for f in EVENT_TEXT_FIELDS:
         cols[f] = _trimmed(src(f)) if f in m else F.lit(None).cast("string")
-    out = df.select("_raw", "_row", *[c.alias(n) for n, c in cols.items()])
+    out = df.select("_raw", "_file", "_row", "_malformed", *[c.alias(n) for n, c in cols.items()])
     out = out.withColumn("ts", _parse_ts(F.col("_ts_raw"), df.schema[m["ts"]].dataType if "ts" in m else None, cfg.timestamp_format))
     out = out.withColumn("quantity", F.col("_qty_raw").try_cast("double"))
     out = out.withColumn("price", F.col("_price_raw").try_cast("double"))
@@ -244,25 +288,54 @@ def _is_numeric(df: "DataFrame", col: str) -> bool:
 
 def _parse_ts(c: "Column", dtype, fmt: str | None) -> "Column":
     from pyspark.sql import functions as F
-    from pyspark.sql.types import DateType, NumericType, TimestampNTZType, TimestampType
+    from pyspark.sql.types import DateType, IntegralType, NumericType, TimestampNTZType, TimestampType
 
     if dtype is None:
         return F.lit(None).cast("timestamp")
     if isinstance(dtype, (TimestampType, TimestampNTZType, DateType)):
         return c.cast("timestamp")
-    if isinstance(dtype, NumericType):  # epoch seconds
-        return F.timestamp_seconds(c)
+    if isinstance(dtype, IntegralType):
+        return _epoch(c.cast("long"), integral=True)
+    if isinstance(dtype, NumericType):
+        return _epoch(c.cast("double"), integral=False)
     s = _trimmed(c)
-    return F.try_to_timestamp(s, F.lit(fmt)) if fmt else F.try_to_timestamp(s)
+    parsed = F.try_to_timestamp(s, F.lit(fmt)) if fmt else F.try_to_timestamp(s)
+    # Epoch numbers as strings (CSV): same unit detection as numeric columns.
+    return (
+        F.when(s.rlike(r"^-?[0-9]{1,19}$"), _epoch(s.try_cast("long"), integral=True))
+        .when(s.rlike(r"^-?[0-9]+\.[0-9]+$"), _epoch(s.try_cast("double"), integral=False))
+        .otherwise(parsed)
+    )
+
+
+def _epoch(v: "Column", integral: bool) -> "Column":
+    """Epoch number -> timestamp, unit detected per value by magnitude: |v| < 1e11 seconds (until
+    year 5138), < 1e14 ms, < 1e17 µs, else ns (pandas' parquet). Integers convert exactly (no
+    float rounding); NaN and ±Inf -> null (quarantined as bad_timestamp)."""
+    from pyspark.sql import functions as F
+
+    a = F.abs(v.cast("double"))
+    if integral:
+        return (
+            F.when(a < 1e11, F.timestamp_seconds(v)).when(a < 1e14, F.timestamp_millis(v))
+            .when(a < 1e17, F.timestamp_micros(v)).otherwise(F.timestamp_micros(F.floor(v / 1000)))
+        )  # fmt: skip
+    seconds = F.when(a < 1e11, v).when(a < 1e14, v / 1e3).when(a < 1e17, v / 1e6).when(a < 1e19, v / 1e9)
+    return F.when(~F.isnan(v) & (a != float("inf")), F.timestamp_seconds(seconds))
 
 
 def label_events(df: "DataFrame", cfg: IngestConfig) -> "DataFrame":
     """Add ``reason``/``detail``: the first failed check, in a fixed priority order; null = valid."""
     from pyspark.sql import functions as F
 
+    m = cfg.events_map
     checks: list[tuple[Any, str, Any]] = [
-        (F.col("session_id").isNull(), MISSING_FIELD, F.lit(f"session_id ({cfg.events_map.get('session_id')}) is empty")),
-        (F.col("item_id").isNull(), MISSING_FIELD, F.lit(f"item_id ({cfg.events_map.get('item_id')}) is empty")),
+        (F.col("_malformed"), MALFORMED_ROW, F.lit("row has more or fewer fields than the header")),
+        (F.col("session_id").isNull(), MISSING_FIELD, F.lit(f"session_id ({m.get('session_id')}) is empty")),
+        (F.col("item_id").isNull(), MISSING_FIELD, F.lit(f"item_id ({m.get('item_id')}) is empty")),
+        (F.col("event_type").isNull(), MISSING_FIELD, F.lit(f"event_type ({m.get('event_type')}) is empty")),
+        (_has_replacement_char("session_id", "item_id", "user_id", *EVENT_TEXT_FIELDS), BAD_ENCODING, F.lit("text is not valid UTF-8")),
+        (F.col("_user_bad"), BAD_USER_ID, F.concat(F.lit(f"user_id ({m.get('user_id')}) is not a 64-bit integer: "), F.col("_user_raw_s"))),
     ]
     for prefix in cfg.cancellation_prefixes:
         checks.append((F.col("session_id").startswith(prefix), CANCELLATION, F.concat(F.lit("session_id starts with "), F.lit(prefix))))
@@ -278,8 +351,10 @@ def label_events(df: "DataFrame", cfg: IngestConfig) -> "DataFrame":
     checks += [
         (F.col("_ts_raw").isNotNull() & F.col("ts").isNull(), BAD_TIMESTAMP, F.concat(F.lit("unparseable ts: "), F.col("_ts_raw").cast("string"))),
         (F.col("_qty_raw").isNotNull() & F.col("quantity").isNull(), BAD_QUANTITY, F.concat(F.lit("quantity not numeric: "), F.col("_qty_raw").cast("string"))),
+        (F.isnan("quantity") | (F.abs("quantity") == float("inf")), NON_FINITE_QUANTITY, F.concat(F.lit("quantity="), F.col("_qty_raw").cast("string"))),
         (F.col("quantity") <= 0, NON_POSITIVE_QUANTITY, F.concat(F.lit("quantity="), F.col("quantity").cast("string"))),
         (F.col("_price_raw").isNotNull() & F.col("price").isNull(), BAD_PRICE, F.concat(F.lit("price not numeric: "), F.col("_price_raw").cast("string"))),
+        (F.isnan("price") | (F.abs("price") == float("inf")), NON_FINITE_PRICE, F.concat(F.lit("price="), F.col("_price_raw").cast("string"))),
         (
             (F.col("price") <= 0) if cfg.reject_zero_price else (F.col("price") < 0),
             NON_POSITIVE_PRICE,
@@ -295,12 +370,22 @@ def label_events(df: "DataFrame", cfg: IngestConfig) -> "DataFrame":
     return df.withColumn("reason", reason).withColumn("detail", detail)
 
 
+def _has_replacement_char(*cols: str) -> "Column":
+    """Readers decode invalid UTF-8 as U+FFFD; a row carrying one in a text column is quarantined
+    (bad_encoding) rather than stored with silently altered text."""
+    from functools import reduce
+
+    from pyspark.sql import functions as F
+
+    return reduce(lambda a, b: a | b, [F.coalesce(F.col(c).contains("\ufffd"), F.lit(False)) for c in cols])
+
+
 def mark_duplicates(df: "DataFrame") -> "DataFrame":
     """Exact duplicates of an earlier valid source row -> reason ``duplicate`` (the first copy stays)."""
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
-    w = Window.partitionBy("_raw").orderBy("_row")
+    w = Window.partitionBy("_raw").orderBy(*ORDER)
     rank = F.when(F.col("reason").isNull(), F.row_number().over(w))
     dup = F.col("reason").isNull() & (rank > 1)
     return (
@@ -322,7 +407,7 @@ def derive_catalog(events: "DataFrame") -> "DataFrame":
     for f in EVENT_TEXT_FIELDS:
         votes = valid.where(F.col(f).isNotNull()).groupBy("item_id", f).count()
         w = Window.partitionBy("item_id").orderBy(F.desc("count"), F.asc(f))
-        best = votes.withColumn("_r", F.row_number().over(w)).where("_r = 1").select("item_id", F.regexp_replace(f, r"\s+", " ").alias(f))
+        best = votes.withColumn("_r", F.row_number().over(w)).where("_r = 1").select("item_id", _squeeze(F.col(f)).alias(f))
         out = out.join(best, "item_id", "left")
     return out.where(F.col("title").isNotNull()).withColumn("attributes", F.lit(None).cast("map<string,string>"))
 
@@ -337,12 +422,12 @@ def map_catalog(df: "DataFrame", cfg: IngestConfig) -> "DataFrame":
         item = F.upper(item)
     cols = [item.alias("item_id")]
     for f in ("title", "description", "category", "brand"):
-        cols.append((F.regexp_replace(_trimmed(F.col(f"`{m[f]}`")), r"\s+", " ") if f in m else F.lit(None).cast("string")).alias(f))
+        cols.append((_squeeze(_trimmed(F.col(f"`{m[f]}`"))) if f in m else F.lit(None).cast("string")).alias(f))
     cols.append((F.col(f"`{m['price']}`").try_cast("double") if "price" in m else F.lit(None).cast("double")).alias("price"))
-    rest = [c for c in df.columns if c not in m.values() and c not in ("_raw", "_row")]
+    rest = [c for c in df.columns if c not in m.values() and c not in ("_raw", "_row", "_file", "_malformed", CORRUPT)]
     attrs = F.map_from_arrays(F.array(*[F.lit(c) for c in rest]), F.array(*[F.col(f"`{c}`").cast("string") for c in rest])) if rest else F.lit(None).cast("map<string,string>")
     cols.append(attrs.alias("attributes"))
-    return df.select("_raw", "_row", *cols)
+    return df.select("_raw", "_file", "_row", "_malformed", *cols)
 
 
 def label_catalog(df: "DataFrame") -> "DataFrame":
@@ -350,13 +435,21 @@ def label_catalog(df: "DataFrame") -> "DataFrame":
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
+    bad_text = _has_replacement_char("item_id", "title", "description", "category", "brand")
     reason = (
-        F.when(F.col("item_id").isNull(), F.lit(MISSING_FIELD))
+        F.when(F.col("_malformed"), F.lit(MALFORMED_ROW))
+        .when(F.col("item_id").isNull(), F.lit(MISSING_FIELD))
         .when(F.col("title").isNull(), F.lit(MISSING_FIELD))
+        .when(bad_text, F.lit(BAD_ENCODING))
     )
-    detail = F.when(F.col("item_id").isNull(), F.lit("item_id is empty")).when(F.col("title").isNull(), F.lit("title is empty"))
+    detail = (
+        F.when(F.col("_malformed"), F.lit("row has more or fewer fields than the header"))
+        .when(F.col("item_id").isNull(), F.lit("item_id is empty"))
+        .when(F.col("title").isNull(), F.lit("title is empty (or only whitespace)"))
+        .when(bad_text, F.lit("text is not valid UTF-8"))
+    )
     df = df.withColumn("reason", reason).withColumn("detail", detail)
-    w = Window.partitionBy("item_id").orderBy("_row")
+    w = Window.partitionBy("item_id").orderBy(*ORDER)
     rank = F.when(F.col("reason").isNull(), F.row_number().over(w))
     dup = F.coalesce(F.col("reason").isNull() & (rank > 1), F.lit(False))
     return df.withColumn("reason", F.when(dup, F.lit(DUPLICATE_ITEM)).otherwise(F.col("reason"))).withColumn(
@@ -408,6 +501,7 @@ def valid_rows(df: "DataFrame") -> "DataFrame":
 def run(spark: "SparkSession", cfg: IngestConfig) -> dict[str, Any]:
     """Ingest events (+ catalog) into the lake; returns counts and the reconciliation."""
     from pyspark import StorageLevel
+    from pyspark.sql import functions as F
 
     cfg = resolve(cfg)
     assert cfg.events is not None
@@ -438,31 +532,35 @@ def run(spark: "SparkSession", cfg: IngestConfig) -> dict[str, Any]:
     for part in quarantine_parts[1:]:
         quarantine = quarantine.unionByName(part)
 
-    meta = L.job_metadata(JOB, cfg, inputs={"events_source": cfg.events, "catalog_source": cfg.catalog})
-    versions = {
-        "events": L.write_spark(valid_rows(events).select(*EVENTS.names), cfg.lake, "events", "overwrite", meta),
-        "catalog": L.write_spark(catalog, cfg.lake, "catalog", "overwrite", meta),
-        "quarantine": L.write_spark(quarantine, cfg.lake, "quarantine", "overwrite", meta),
-    }
-
-    events_in = raw_events.count()
-    written = L.read_arrow(cfg.lake, "events", columns=["event_id"]).num_rows
-    q = L.read_pandas(cfg.lake, "quarantine", columns=["source", "reason"])
-    q_events = q[q["source"].str.startswith("events:")]
-    reasons = q_events["reason"].value_counts().sort_index().to_dict()
+    # Stage and count everything BEFORE publishing anything: a failed reconciliation commits nothing.
+    valid_events = valid_rows(events).select(*EVENTS.names)
+    quarantine = quarantine.persist(StorageLevel.MEMORY_AND_DISK)
+    by_source = quarantine.groupBy(F.split("source", ":").getItem(0).alias("kind"), "reason").count().collect()
+    q_events = {r["reason"]: r["count"] for r in by_source if r["kind"] == "events"}
     summary: dict[str, Any] = {
-        "events_in": events_in,
-        "events_written": written,
-        "events_quarantined": int(len(q_events)),
-        "quarantine_by_reason": {k: int(v) for k, v in reasons.items()},
-        "catalog_written": L.read_arrow(cfg.lake, "catalog", columns=["item_id"]).num_rows,
-        "versions": versions,
+        "events_in": raw_events.count(),
+        "events_written": valid_events.count(),
+        "events_quarantined": sum(q_events.values()),
+        "quarantine_by_reason": dict(sorted(q_events.items())),
+        "catalog_written": catalog.count(),
     }
     if catalog_in is not None:
-        q_cat = q[q["source"].str.startswith("catalog:")]
-        summary.update(catalog_in=catalog_in, catalog_quarantined=int(len(q_cat)))
-    events.unpersist()
+        summary.update(catalog_in=catalog_in, catalog_quarantined=sum(r["count"] for r in by_source if r["kind"] == "catalog"))
     _reconcile(summary)
+
+    # Delta has no multi-table transaction: the three commits share one ingest_run_id, and downstream
+    # jobs refuse a lake whose three tables disagree (common.lake.check_ingest_consistent), so a
+    # driver killed between commits is detected, never silently mixed; re-running ingest repairs it.
+    run_id = uuid.uuid4().hex
+    meta = L.job_metadata(JOB, cfg, inputs={"events_source": cfg.events, "catalog_source": cfg.catalog}, ingest_run_id=run_id)
+    summary["versions"] = {}
+    L.fault_point("ingest:before_commit")
+    for table, df in (("events", valid_events), ("catalog", catalog), ("quarantine", quarantine)):
+        summary["versions"][table] = L.write_spark(df, cfg.lake, table, "overwrite", meta)
+        L.fault_point(f"ingest:after_commit:{table}")
+    summary["ingest_run_id"] = run_id
+    events.unpersist()
+    quarantine.unpersist()
     return summary
 
 

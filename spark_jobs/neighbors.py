@@ -178,7 +178,6 @@ def run(spark: "SparkSession", cfg: NeighborsConfig) -> dict[str, Any]:
     from pyspark.sql import functions as F
 
     from common import lake as L
-    from spark_jobs.embed_catalog import split_by_model
 
     emb_v = L.table_version(cfg.lake, "item_embeddings")
     if emb_v is None:
@@ -196,14 +195,13 @@ def run(spark: "SparkSession", cfg: NeighborsConfig) -> dict[str, Any]:
     new = query_neighbors(queries, index, ids, cfg.k, model_version, cfg.query_batch)
 
     nb_v = L.table_version(cfg.lake, "item_neighbors")
-    others, _ = split_by_model(spark, cfg.lake, "item_neighbors", nb_v, model_version)
-    out = new if others is None else others.select(*ITEM_NEIGHBORS.names).unionByName(new)
+    out = new.select(*ITEM_NEIGHBORS.names)  # only this model's partition is replaced (replace_where)
     kind = "flat" if n <= cfg.flat_max else f"ivf(nlist={index.nlist}, nprobe={index.nprobe})"
     metadata = L.job_metadata(
         "neighbors", cfg, inputs={"item_embeddings": emb_v, "item_neighbors": nb_v},
         model_version=model_version, k=cfg.k, index=kind, items=n,
     )  # fmt: skip
-    version = L.write_spark(out, cfg.lake, "item_neighbors", mode="overwrite", metadata=metadata)
+    version = L.write_spark(out, cfg.lake, "item_neighbors", mode="overwrite", metadata=metadata, replace_where={"model_version": model_version})
     summary = {"version": version, "model_version": model_version, "items": n, "k": cfg.k, "index": kind}
     log.info("item_neighbors v%s: %s", version, summary)
     return summary

@@ -256,6 +256,7 @@ def run(spark: "SparkSession", cfg: SessionsConfig) -> dict[str, Any]:
 
     from common import lake as L
 
+    L.check_ingest_consistent(cfg.lake)  # never mix tables of two ingest runs
     inputs = L.input_versions(cfg.lake, ["events"])
     events = L.read_spark(spark, cfg.lake, "events", version=inputs["events"])
     check_events(events)

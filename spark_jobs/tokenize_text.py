@@ -340,6 +340,7 @@ def run(spark: "SparkSession", cfg: TokenizeConfig) -> dict[str, Any]:
 
     from common import lake as L
 
+    L.check_ingest_consistent(cfg.lake)  # never mix tables of two ingest runs
     inputs = L.input_versions(cfg.lake, ["catalog"])
     catalog = L.read_spark(spark, cfg.lake, "catalog", version=inputs["catalog"])
     texts = assign_text_split(render_text(catalog, cfg.template), cfg.val_fraction, cfg.test_fraction)
