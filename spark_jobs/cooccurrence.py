@@ -70,6 +70,7 @@ class CooccurrenceConfig(JobConfig):
     salt_buckets: int = 8
     broadcast_items_max: int = 2_000_000
     explode_partitions: int = 0
+    pair_budget: int = 20_000_000
 
     def validate(self) -> None:
         super().validate()
@@ -81,6 +82,8 @@ class CooccurrenceConfig(JobConfig):
             raise ConfigError(f"top_k={self.top_k} must be >= 0 (0 keeps every pair)")
         if self.n_buckets < 1 or self.salt_buckets < 1:
             raise ConfigError("n_buckets and salt_buckets must be >= 1 (defaults 16 and 8)")
+        if self.pair_budget < 1:
+            raise ConfigError("pair_budget must be >= 1 (pair occurrences a task counts at once; default 20,000,000)")
         if self.explode_partitions < 0:
             raise ConfigError("explode_partitions must be >= 0 (0 = spark.sql.shuffle.partitions)")
 
@@ -152,7 +155,11 @@ def item_frequencies(capped: "DataFrame") -> "DataFrame":
 
 
 def pair_counts(capped: "DataFrame", partitions: int | None = None) -> "DataFrame":
-    """Unordered pairs (a < b) -> count, weight = sum of 1/(m-1) over the sessions containing both."""
+    """Unordered pairs (a < b) -> count, weight = sum of 1/(m-1) over the sessions containing both.
+
+    Row-by-row reference path (one row per pair occurrence, then a shuffle of all of them): used when
+    the item vocabulary is too large to ship to every task (see :func:`pair_counts_vectorised`).
+    """
     from pyspark.sql import functions as F
 
     multi = capped.filter(F.col("m") >= 2)
@@ -165,6 +172,113 @@ def pair_counts(capped: "DataFrame", partitions: int | None = None) -> "DataFram
     firsts = srt.select("w", "m", "srt", F.posexplode("srt").alias("i", "a"))
     exploded = firsts.select("w", "a", F.explode(F.slice("srt", F.col("i") + 2, F.col("m") - F.col("i") - 1)).alias("b"))
     return exploded.groupBy("a", "b").agg(F.count("*").alias("count"), F.sum("w").alias("weight"))
+
+
+PAIR_KEY_SCHEMA = "key long, count long, weight double"
+PAIR_SCHEMA = "a string, b string, count long, weight double"
+
+
+def _partial_pair_sums(items_index, n_items: int, budget: int):
+    """mapInArrow function: a task's capped baskets -> partial (key = a * n_items + b, count, weight)
+    sums for a < b, with a and b codes in the sorted vocabulary ``items_index`` (a pandas Index).
+
+    Each chunk of sessions becomes a sparse session x item matrix X and the partial sums are the upper
+    triangle of X^T X (counts) and X^T diag(1/(m-1)) X (weights). Sessions are flushed once they hold
+    ``budget`` pair occurrences, so a worker's memory stays bounded whatever the partition size.
+    """
+
+    def flush(codes: list, lengths: list):
+        import numpy as np
+        import pyarrow as pa
+        import scipy.sparse as sp
+
+        m = np.concatenate(lengths)
+        cols = np.concatenate(codes)
+        indptr = np.concatenate([[0], np.cumsum(m)])
+        x = sp.csr_matrix((np.ones(len(cols), dtype=np.int64), cols, indptr), shape=(len(m), n_items))
+        xt = x.T.tocsr()
+        c = sp.triu(xt @ x, k=1).tocoo()
+        w = sp.triu(xt @ sp.diags(1.0 / (m - 1)) @ x, k=1).tocoo()
+        # Both products share X's sparsity pattern (every weight > 0), so one order aligns them.
+        oc, ow = np.lexsort((c.col, c.row)), np.lexsort((w.col, w.row))
+        key = c.row[oc].astype(np.int64) * n_items + c.col[oc]
+        step = 1 << 20
+        for s in range(0, len(key), step):
+            yield pa.RecordBatch.from_arrays(
+                [pa.array(key[s : s + step]), pa.array(c.data[oc][s : s + step].astype(np.int64)), pa.array(w.data[ow][s : s + step])],
+                names=["key", "count", "weight"],
+            )
+
+    def fn(batches):
+        import numpy as np
+        import pyarrow.compute as pc
+
+        codes: list = []
+        lengths: list = []
+        held = 0
+        for batch in batches:
+            kept = batch.column("kept")
+            m = np.asarray(pc.list_value_length(kept), dtype=np.int64)
+            codes.append(items_index.get_indexer(pc.list_flatten(kept).to_numpy(zero_copy_only=False)))
+            lengths.append(m)
+            held += int((m * (m - 1)).sum())
+            if held >= budget:
+                yield from flush(codes, lengths)
+                codes, lengths, held = [], [], 0
+        if lengths:
+            yield from flush(codes, lengths)
+
+    return fn
+
+
+def _decode_pairs(items, n_items: int):
+    """mapInArrow function: (key, count, weight) -> (a, b, count, weight) with item ids."""
+
+    def fn(batches):
+        import numpy as np
+        import pyarrow as pa
+
+        for batch in batches:
+            key = np.asarray(batch.column("key"))
+            yield pa.RecordBatch.from_arrays(
+                [pa.array(items[key // n_items]), pa.array(items[key % n_items]), batch.column("count"), batch.column("weight")],
+                names=["a", "b", "count", "weight"],
+            )
+
+    return fn
+
+
+def pair_counts_vectorised(
+    capped: "DataFrame", items: list[str], partitions: int | None = None, budget: int = 20_000_000
+) -> "DataFrame":
+    """Same result as :func:`pair_counts`, counted with sparse matrix products per task.
+
+    ``items`` is the train vocabulary (every item in ``capped``). Each task sums its own sessions' pairs
+    (numpy/scipy over integer codes), so the one shuffle carries partial sums keyed by the pair code
+    (a, b) -- still keyed by the pair, so a hot item's pairs spread over all reducers by their partner.
+    """
+    import numpy as np
+    import pandas as pd
+    from pyspark.sql import functions as F
+
+    spark = capped.sparkSession
+    ordered = np.asarray(sorted(items), dtype=object)
+    n_items = max(1, len(ordered))
+    shared = spark.sparkContext.broadcast(ordered)  # shipped once per executor, not per task
+    multi = capped.filter(F.col("m") >= 2).select("session_id", "kept")
+    if partitions:
+        # Spread sessions (not items) over tasks: one huge input file or session never pins one task.
+        multi = multi.repartition(partitions, F.xxhash64("session_id"))
+
+    def count(batches):
+        return _partial_pair_sums(pd.Index(shared.value), n_items, budget)(batches)
+
+    def decode(batches):
+        return _decode_pairs(shared.value, n_items)(batches)
+
+    partial = multi.select("kept").mapInArrow(count, PAIR_KEY_SCHEMA)
+    summed = partial.groupBy("key").agg(F.sum("count").alias("count"), F.sum("weight").alias("weight"))
+    return summed.mapInArrow(decode, PAIR_SCHEMA)
 
 
 def score_pairs(
@@ -234,7 +348,11 @@ def cooccurrence_from_capped(capped: "DataFrame", cfg: CooccurrenceConfig) -> tu
     freqs = item_frequencies(capped)
     n_items = freqs.count()
     parts = cfg.explode_partitions or int(spark.conf.get("spark.sql.shuffle.partitions", "200"))
-    pairs = pair_counts(capped, parts)
+    if n_items <= cfg.broadcast_items_max:
+        vocab = [r.item for r in freqs.select("item").collect()]
+        pairs = pair_counts_vectorised(capped, vocab, parts, cfg.pair_budget)
+    else:  # a vocabulary too big to ship to every task: count row by row
+        pairs = pair_counts(capped, parts)
     scored = score_pairs(pairs, freqs, stats["train_sessions"], cfg.min_count, broadcast=n_items <= cfg.broadcast_items_max)
     out = add_bucket(top_k_per_item(scored, cfg.top_k, cfg.salt_buckets), cfg.n_buckets)
     stats["train_items"] = int(n_items)
