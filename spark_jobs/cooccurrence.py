@@ -158,7 +158,7 @@ def pair_counts(capped: "DataFrame", partitions: int | None = None) -> "DataFram
     """Unordered pairs (a < b) -> count, weight = sum of 1/(m-1) over the sessions containing both.
 
     Row-by-row reference path (one row per pair occurrence, then a shuffle of all of them): used when
-    the item vocabulary is too large to ship to every task (see :func:`pair_counts_vectorised`).
+    the item vocabulary is too large to ship to every task (see :func:`scored_pairs_vectorised`).
     """
     from pyspark.sql import functions as F
 
@@ -175,12 +175,15 @@ def pair_counts(capped: "DataFrame", partitions: int | None = None) -> "DataFram
 
 
 PAIR_KEY_SCHEMA = "key long, count long, weight double"
-PAIR_SCHEMA = "a string, b string, count long, weight double"
+SCORED_SCHEMA = (
+    "item_a string, item_b string, count long, weight double, freq_a long, freq_b long, cosine double, ppmi double"
+)
+ARROW_ROWS = 1 << 20  # rows per Arrow batch handed back to Spark
 
 
-def _partial_pair_sums(items_index, n_items: int, budget: int):
+def _partial_pair_sums(items, n_items: int, budget: int):
     """mapInArrow function: a task's capped baskets -> partial (key = a * n_items + b, count, weight)
-    sums for a < b, with a and b codes in the sorted vocabulary ``items_index`` (a pandas Index).
+    sums for a < b, with a and b codes = positions in the sorted vocabulary ``items`` (Arrow strings).
 
     Each chunk of sessions becomes a sparse session x item matrix X and the partial sums are the upper
     triangle of X^T X (counts) and X^T diag(1/(m-1)) X (weights). Sessions are flushed once they hold
@@ -197,15 +200,17 @@ def _partial_pair_sums(items_index, n_items: int, budget: int):
         indptr = np.concatenate([[0], np.cumsum(m)])
         x = sp.csr_matrix((np.ones(len(cols), dtype=np.int64), cols, indptr), shape=(len(m), n_items))
         xt = x.T.tocsr()
-        c = sp.triu(xt @ x, k=1).tocoo()
-        w = sp.triu(xt @ sp.diags(1.0 / (m - 1)) @ x, k=1).tocoo()
-        # Both products share X's sparsity pattern (every weight > 0), so one order aligns them.
-        oc, ow = np.lexsort((c.col, c.row)), np.lexsort((w.col, w.row))
-        key = c.row[oc].astype(np.int64) * n_items + c.col[oc]
-        step = 1 << 20
-        for s in range(0, len(key), step):
+        c = sp.triu(xt @ x, k=1).tocsr()
+        w = sp.triu(xt @ sp.diags(1.0 / (m - 1)) @ x, k=1).tocsr()
+        c.sort_indices()
+        w.sort_indices()
+        # Both products have X^T X's sparsity pattern (every weight > 0): canonical CSR aligns them.
+        rows = np.repeat(np.arange(n_items, dtype=np.int64), np.diff(c.indptr))
+        key = rows * n_items + c.indices
+        for s in range(0, len(key), ARROW_ROWS):
+            e = s + ARROW_ROWS
             yield pa.RecordBatch.from_arrays(
-                [pa.array(key[s : s + step]), pa.array(c.data[oc][s : s + step].astype(np.int64)), pa.array(w.data[ow][s : s + step])],
+                [pa.array(key[s:e]), pa.array(c.data[s:e].astype(np.int64)), pa.array(w.data[s:e])],
                 names=["key", "count", "weight"],
             )
 
@@ -219,7 +224,8 @@ def _partial_pair_sums(items_index, n_items: int, budget: int):
         for batch in batches:
             kept = batch.column("kept")
             m = np.asarray(pc.list_value_length(kept), dtype=np.int64)
-            codes.append(items_index.get_indexer(pc.list_flatten(kept).to_numpy(zero_copy_only=False)))
+            # Arrow's hash lookup: no Python string objects per item occurrence
+            codes.append(np.asarray(pc.index_in(pc.list_flatten(kept), value_set=items), dtype=np.int64))
             lengths.append(m)
             held += int((m * (m - 1)).sum())
             if held >= budget:
@@ -231,54 +237,86 @@ def _partial_pair_sums(items_index, n_items: int, budget: int):
     return fn
 
 
-def _decode_pairs(items, n_items: int):
-    """mapInArrow function: (key, count, weight) -> (a, b, count, weight) with item ids."""
+def _score_pair_sums(items, freq, n_sessions: int, min_count: int):
+    """mapInArrow function: one reducer's partial sums -> its pairs' totals, min-count filter, both
+    orders, freq_a/freq_b, cosine and PPMI (the definitions of :func:`score_pairs`, vectorised)."""
 
     def fn(batches):
         import numpy as np
         import pyarrow as pa
 
-        for batch in batches:
-            key = np.asarray(batch.column("key"))
+        parts = list(batches)
+        if not parts:
+            return
+        table = pa.Table.from_batches(parts)
+        key = np.asarray(table.column("key"))
+        order = np.argsort(key, kind="stable")
+        key = key[order]
+        starts = np.flatnonzero(np.concatenate([[True], key[1:] != key[:-1]])) if len(key) else np.zeros(0, np.int64)
+        if not len(starts):
+            return
+        count = np.add.reduceat(np.asarray(table.column("count"))[order], starts)
+        weight = np.add.reduceat(np.asarray(table.column("weight"))[order], starts)
+        keep = count >= min_count
+        key, count, weight = key[starts][keep], count[keep], weight[keep]
+        n = len(items)
+        a, b = key // n, key % n
+        ia, ib = np.concatenate([a, b]), np.concatenate([b, a])
+        c2, w2 = np.concatenate([count, count]), np.concatenate([weight, weight])
+        fa, fb = freq[ia], freq[ib]
+        c = c2.astype(np.float64)
+        denom = fa.astype(np.float64) * fb.astype(np.float64)
+        cosine = c / np.sqrt(denom)
+        ppmi = np.maximum(0.0, np.log(c * float(n_sessions) / denom))
+        for s in range(0, len(ia), ARROW_ROWS):
+            e = s + ARROW_ROWS
             yield pa.RecordBatch.from_arrays(
-                [pa.array(items[key // n_items]), pa.array(items[key % n_items]), batch.column("count"), batch.column("weight")],
-                names=["a", "b", "count", "weight"],
+                [items.take(ia[s:e]), items.take(ib[s:e]), pa.array(c2[s:e]), pa.array(w2[s:e]),
+                 pa.array(fa[s:e]), pa.array(fb[s:e]), pa.array(cosine[s:e]), pa.array(ppmi[s:e])],
+                schema=pa.schema([("item_a", pa.string()), ("item_b", pa.string()), ("count", pa.int64()),
+                                  ("weight", pa.float64()), ("freq_a", pa.int64()), ("freq_b", pa.int64()),
+                                  ("cosine", pa.float64()), ("ppmi", pa.float64())]),
             )
 
     return fn
 
 
-def pair_counts_vectorised(
-    capped: "DataFrame", items: list[str], partitions: int | None = None, budget: int = 20_000_000
+def scored_pairs_vectorised(
+    capped: "DataFrame",
+    vocab: "Any",
+    n_sessions: int,
+    min_count: int,
+    partitions: int,
+    budget: int = 20_000_000,
 ) -> "DataFrame":
-    """Same result as :func:`pair_counts`, counted with sparse matrix products per task.
+    """Same rows as ``score_pairs(pair_counts(capped), ...)``, counted with sparse products per task.
 
-    ``items`` is the train vocabulary (every item in ``capped``). Each task sums its own sessions' pairs
-    (numpy/scipy over integer codes), so the one shuffle carries partial sums keyed by the pair code
-    (a, b) -- still keyed by the pair, so a hot item's pairs spread over all reducers by their partner.
+    ``vocab`` is a pandas DataFrame (item, freq) of every item in ``capped``, e.g. ``item_frequencies``. Each task sums its own
+    sessions' pairs over integer item codes (numpy/scipy), so the one pair shuffle carries partial
+    sums keyed by the pair code -- keyed by the pair, so a hot item's pairs spread over all reducers by
+    their partner -- and each reducer totals, filters and scores its pairs in numpy.
     """
     import numpy as np
-    import pandas as pd
+    import pyarrow as pa
     from pyspark.sql import functions as F
 
-    spark = capped.sparkSession
-    ordered = np.asarray(sorted(items), dtype=object)
-    n_items = max(1, len(ordered))
-    shared = spark.sparkContext.broadcast(ordered)  # shipped once per executor, not per task
+    vocab = vocab.sort_values("item", kind="stable")
+    items = pa.array(vocab["item"].astype(str).tolist(), pa.string())
+    freq = np.asarray(vocab["freq"], dtype=np.int64)
+    n_items = max(1, len(items))
+    shared = capped.sparkSession.sparkContext.broadcast((items, freq))  # once per executor, not per task
     multi = capped.filter(F.col("m") >= 2).select("session_id", "kept")
-    if partitions:
-        # Spread sessions (not items) over tasks: one huge input file or session never pins one task.
-        multi = multi.repartition(partitions, F.xxhash64("session_id"))
+    # Spread sessions (not items) over tasks: one huge input file or session never pins one task.
+    multi = multi.repartition(partitions, F.xxhash64("session_id")).select("kept")
 
     def count(batches):
-        return _partial_pair_sums(pd.Index(shared.value), n_items, budget)(batches)
+        return _partial_pair_sums(shared.value[0], n_items, budget)(batches)
 
-    def decode(batches):
-        return _decode_pairs(shared.value, n_items)(batches)
+    def score(batches):
+        return _score_pair_sums(shared.value[0], shared.value[1], n_sessions, min_count)(batches)
 
-    partial = multi.select("kept").mapInArrow(count, PAIR_KEY_SCHEMA)
-    summed = partial.groupBy("key").agg(F.sum("count").alias("count"), F.sum("weight").alias("weight"))
-    return summed.mapInArrow(decode, PAIR_SCHEMA)
+    partial = multi.mapInArrow(count, PAIR_KEY_SCHEMA)
+    return partial.repartition(partitions, "key").mapInArrow(score, SCORED_SCHEMA)
 
 
 def score_pairs(
@@ -346,14 +384,13 @@ def cooccurrence_from_capped(capped: "DataFrame", cfg: CooccurrenceConfig) -> tu
     spark = capped.sparkSession
     stats = cap_stats(capped)
     freqs = item_frequencies(capped)
-    n_items = freqs.count()
+    vocab = freqs.limit(cfg.broadcast_items_max + 1).toPandas()  # one job: the vocabulary, or "too big"
+    n_items = len(vocab) if len(vocab) <= cfg.broadcast_items_max else freqs.count()
     parts = cfg.explode_partitions or int(spark.conf.get("spark.sql.shuffle.partitions", "200"))
     if n_items <= cfg.broadcast_items_max:
-        vocab = [r.item for r in freqs.select("item").collect()]
-        pairs = pair_counts_vectorised(capped, vocab, parts, cfg.pair_budget)
-    else:  # a vocabulary too big to ship to every task: count row by row
-        pairs = pair_counts(capped, parts)
-    scored = score_pairs(pairs, freqs, stats["train_sessions"], cfg.min_count, broadcast=n_items <= cfg.broadcast_items_max)
+        scored = scored_pairs_vectorised(capped, vocab, stats["train_sessions"], cfg.min_count, parts, cfg.pair_budget)
+    else:  # a vocabulary too big to ship to every task: explode and count row by row
+        scored = score_pairs(pair_counts(capped, parts), freqs, stats["train_sessions"], cfg.min_count, broadcast=False)
     out = add_bucket(top_k_per_item(scored, cfg.top_k, cfg.salt_buckets), cfg.n_buckets)
     stats["train_items"] = int(n_items)
     return out, stats
