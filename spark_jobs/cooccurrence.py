@@ -175,8 +175,10 @@ def pair_counts(capped: "DataFrame", partitions: int | None = None) -> "DataFram
 
 
 PAIR_KEY_SCHEMA = "key long, count long, weight double"
+CODED_SCHEMA = "a long, b long, count long, weight double, bucket int"
 SCORED_SCHEMA = (
-    "item_a string, item_b string, count long, weight double, freq_a long, freq_b long, cosine double, ppmi double"
+    "item_a string, item_b string, count long, weight double, freq_a long, freq_b long, cosine double, ppmi double, "
+    "bucket int"
 )
 ARROW_ROWS = 1 << 20  # rows per Arrow batch handed back to Spark
 
@@ -237,45 +239,57 @@ def _partial_pair_sums(items, n_items: int, budget: int):
     return fn
 
 
-def _score_pair_sums(items, freq, n_sessions: int, min_count: int):
-    """mapInArrow function: one reducer's partial sums -> its pairs' totals, min-count filter, both
-    orders, freq_a/freq_b, cosine and PPMI (the definitions of :func:`score_pairs`, vectorised)."""
+def _total_pair_sums(n_items: int, buckets, min_count: int):
+    """mapInArrow function: one reducer's partial sums (all partials of its pairs) -> each pair's total
+    count and weight, min-count filter, both orders as integer codes (a, b) with a's output bucket."""
 
     def fn(batches):
         import numpy as np
         import pyarrow as pa
 
-        parts = list(batches)
+        parts = [b for b in batches if b.num_rows]
         if not parts:
             return
         table = pa.Table.from_batches(parts)
         key = np.asarray(table.column("key"))
         order = np.argsort(key, kind="stable")
         key = key[order]
-        starts = np.flatnonzero(np.concatenate([[True], key[1:] != key[:-1]])) if len(key) else np.zeros(0, np.int64)
-        if not len(starts):
-            return
+        starts = np.flatnonzero(np.concatenate([[True], key[1:] != key[:-1]]))
         count = np.add.reduceat(np.asarray(table.column("count"))[order], starts)
         weight = np.add.reduceat(np.asarray(table.column("weight"))[order], starts)
         keep = count >= min_count
         key, count, weight = key[starts][keep], count[keep], weight[keep]
-        n = len(items)
-        a, b = key // n, key % n
+        a, b = key // n_items, key % n_items
         ia, ib = np.concatenate([a, b]), np.concatenate([b, a])
         c2, w2 = np.concatenate([count, count]), np.concatenate([weight, weight])
-        fa, fb = freq[ia], freq[ib]
-        c = c2.astype(np.float64)
-        denom = fa.astype(np.float64) * fb.astype(np.float64)
-        cosine = c / np.sqrt(denom)
-        ppmi = np.maximum(0.0, np.log(c * float(n_sessions) / denom))
         for s in range(0, len(ia), ARROW_ROWS):
             e = s + ARROW_ROWS
             yield pa.RecordBatch.from_arrays(
-                [items.take(ia[s:e]), items.take(ib[s:e]), pa.array(c2[s:e]), pa.array(w2[s:e]),
-                 pa.array(fa[s:e]), pa.array(fb[s:e]), pa.array(cosine[s:e]), pa.array(ppmi[s:e])],
-                schema=pa.schema([("item_a", pa.string()), ("item_b", pa.string()), ("count", pa.int64()),
-                                  ("weight", pa.float64()), ("freq_a", pa.int64()), ("freq_b", pa.int64()),
-                                  ("cosine", pa.float64()), ("ppmi", pa.float64())]),
+                [pa.array(ia[s:e]), pa.array(ib[s:e]), pa.array(c2[s:e]), pa.array(w2[s:e]), pa.array(buckets[ia[s:e]])],
+                names=["a", "b", "count", "weight", "bucket"],
+            )
+
+    return fn
+
+
+def _score_coded_pairs(items, freq, n_sessions: int):
+    """mapInArrow function: (a, b, count, weight, bucket) codes -> output rows: item ids, freq_a/freq_b,
+    cosine and PPMI (the definitions of :func:`score_pairs`, vectorised)."""
+
+    def fn(batches):
+        import numpy as np
+        import pyarrow as pa
+
+        for batch in batches:
+            ia, ib = np.asarray(batch.column("a")), np.asarray(batch.column("b"))
+            count = np.asarray(batch.column("count"))
+            fa, fb = freq[ia], freq[ib]
+            c = count.astype(np.float64)
+            denom = fa.astype(np.float64) * fb.astype(np.float64)
+            yield pa.RecordBatch.from_arrays(
+                [items.take(ia), items.take(ib), batch.column("count"), batch.column("weight"), pa.array(fa), pa.array(fb),
+                 pa.array(c / np.sqrt(denom)), pa.array(np.maximum(0.0, np.log(c * float(n_sessions) / denom))), batch.column("bucket")],
+                names=["item_a", "item_b", "count", "weight", "freq_a", "freq_b", "cosine", "ppmi", "bucket"],
             )
 
     return fn
@@ -287,14 +301,17 @@ def scored_pairs_vectorised(
     n_sessions: int,
     min_count: int,
     partitions: int,
+    n_buckets: int,
     budget: int = 20_000_000,
 ) -> "DataFrame":
-    """Same rows as ``score_pairs(pair_counts(capped), ...)``, counted with sparse products per task.
+    """Same rows as ``add_bucket(score_pairs(pair_counts(capped), ...))``, counted with sparse matrix
+    products, already partitioned by ``bucket`` (one task per bucket: one file per bucket).
 
-    ``vocab`` is a pandas DataFrame (item, freq) of every item in ``capped``, e.g. ``item_frequencies``. Each task sums its own
-    sessions' pairs over integer item codes (numpy/scipy), so the one pair shuffle carries partial
+    ``vocab`` is a pandas DataFrame (item, freq, bucket) of every item in ``capped``. Each task sums its
+    own sessions' pairs over integer item codes (numpy/scipy); the pair shuffle carries these partial
     sums keyed by the pair code -- keyed by the pair, so a hot item's pairs spread over all reducers by
-    their partner -- and each reducer totals, filters and scores its pairs in numpy.
+    their partner -- and each reducer totals and filters its pairs. Only then, as compact integer rows,
+    are the kept pairs moved to their output bucket, where item ids and scores are filled in.
     """
     import numpy as np
     import pyarrow as pa
@@ -303,8 +320,9 @@ def scored_pairs_vectorised(
     vocab = vocab.sort_values("item", kind="stable")
     items = pa.array(vocab["item"].astype(str).tolist(), pa.string())
     freq = np.asarray(vocab["freq"], dtype=np.int64)
+    buckets = np.asarray(vocab["bucket"], dtype=np.int32)
     n_items = max(1, len(items))
-    shared = capped.sparkSession.sparkContext.broadcast((items, freq))  # once per executor, not per task
+    shared = capped.sparkSession.sparkContext.broadcast((items, freq, buckets))  # once per executor, not per task
     multi = capped.filter(F.col("m") >= 2).select("session_id", "kept")
     # Spread sessions (not items) over tasks: one huge input file or session never pins one task.
     multi = multi.repartition(partitions, F.xxhash64("session_id")).select("kept")
@@ -312,11 +330,15 @@ def scored_pairs_vectorised(
     def count(batches):
         return _partial_pair_sums(shared.value[0], n_items, budget)(batches)
 
+    def total(batches):
+        return _total_pair_sums(n_items, shared.value[2], min_count)(batches)
+
     def score(batches):
-        return _score_pair_sums(shared.value[0], shared.value[1], n_sessions, min_count)(batches)
+        return _score_coded_pairs(shared.value[0], shared.value[1], n_sessions)(batches)
 
     partial = multi.mapInArrow(count, PAIR_KEY_SCHEMA)
-    return partial.repartition(partitions, "key").mapInArrow(score, SCORED_SCHEMA)
+    totals = partial.repartition(partitions, "key").mapInArrow(total, CODED_SCHEMA)
+    return totals.repartition(n_buckets, "bucket").mapInArrow(score, SCORED_SCHEMA)
 
 
 def score_pairs(
@@ -374,7 +396,8 @@ def add_bucket(df: "DataFrame", n_buckets: int) -> "DataFrame":
 
 
 def cooccurrence(sessions: "DataFrame", cfg: CooccurrenceConfig) -> tuple["DataFrame", dict[str, Any]]:
-    """sessions -> (cooccurrence rows, stats). Runs two small driver aggregations (cap stats, item count)."""
+    """sessions -> (cooccurrence rows, partitioned by bucket; stats). Runs two small driver jobs (cap stats,
+    the vocabulary)."""
     return cooccurrence_from_capped(cap_sessions(train_baskets(sessions), cfg.max_session_items), cfg)
 
 
@@ -384,14 +407,21 @@ def cooccurrence_from_capped(capped: "DataFrame", cfg: CooccurrenceConfig) -> tu
     spark = capped.sparkSession
     stats = cap_stats(capped)
     freqs = item_frequencies(capped)
-    vocab = freqs.limit(cfg.broadcast_items_max + 1).toPandas()  # one job: the vocabulary, or "too big"
+    # one job: the vocabulary with each item's output bucket, or the news that it is too big to ship
+    vocab = add_bucket(freqs.withColumnRenamed("item", "item_a"), cfg.n_buckets).withColumnRenamed("item_a", "item")
+    vocab = vocab.limit(cfg.broadcast_items_max + 1).toPandas()
     n_items = len(vocab) if len(vocab) <= cfg.broadcast_items_max else freqs.count()
     parts = cfg.explode_partitions or int(spark.conf.get("spark.sql.shuffle.partitions", "200"))
-    if n_items <= cfg.broadcast_items_max:
-        scored = scored_pairs_vectorised(capped, vocab, stats["train_sessions"], cfg.min_count, parts, cfg.pair_budget)
-    else:  # a vocabulary too big to ship to every task: explode and count row by row
-        scored = score_pairs(pair_counts(capped, parts), freqs, stats["train_sessions"], cfg.min_count, broadcast=False)
-    out = add_bucket(top_k_per_item(scored, cfg.top_k, cfg.salt_buckets), cfg.n_buckets)
+    n_sessions = stats["train_sessions"]
+    if n_items <= cfg.broadcast_items_max and not cfg.top_k:  # already one task per bucket
+        out = scored_pairs_vectorised(capped, vocab, n_sessions, cfg.min_count, parts, cfg.n_buckets, cfg.pair_budget)
+    else:
+        if n_items <= cfg.broadcast_items_max:
+            scored = scored_pairs_vectorised(capped, vocab, n_sessions, cfg.min_count, parts, cfg.n_buckets, cfg.pair_budget).drop("bucket")
+        else:  # a vocabulary too big to ship to every task: explode and count row by row
+            scored = score_pairs(pair_counts(capped, parts), freqs, n_sessions, cfg.min_count, broadcast=False)
+        out = add_bucket(top_k_per_item(scored, cfg.top_k, cfg.salt_buckets), cfg.n_buckets)
+        out = out.repartition(cfg.n_buckets, "bucket")  # one file per bucket
     stats["train_items"] = int(n_items)
     return out, stats
 
@@ -411,8 +441,9 @@ def run(spark: "SparkSession", cfg: CooccurrenceConfig) -> dict[str, Any]:
     if stats["train_sessions"] == 0:
         capped.unpersist()
         raise InputError("sessions has no train sessions: check the split options of `prodrep sessions`")
-    # One file per bucket; persisted so the row count and the write share one computation.
-    out = out.repartition(cfg.n_buckets, "bucket").persist(StorageLevel.MEMORY_AND_DISK)
+    # Partitioned by bucket already (one file per bucket); persisted so the row count and the write
+    # share one computation.
+    out = out.persist(StorageLevel.MEMORY_AND_DISK)
     try:
         pairs_written = out.count()
         meta = L.job_metadata(
