@@ -122,8 +122,7 @@ def pair_occurrences(sessions: pd.DataFrame, cap: int = 100) -> int:
 def spark_run(spark, df, cfg) -> int:
     from spark_jobs.cooccurrence import cooccurrence
 
-    out, _ = cooccurrence(df, cfg)
-    out = out.repartition(cfg.n_buckets, "bucket")
+    out, _ = cooccurrence(df, cfg)  # partitioned by bucket, as the job writes it
     out.write.format("noop").mode("overwrite").save()
     return 0
 

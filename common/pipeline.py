@@ -22,12 +22,23 @@ def _banner(title: str) -> None:
     print(f"\n=== {title} " + "=" * max(0, 70 - len(title)), flush=True)
 
 
-def _timed(name: str, fn: Callable[[], Any]) -> Any:
+def _timed(name: str, fn: Callable[[], Any], timings: dict[str, float]) -> Any:
+    """Run one stage under a banner; record its wall time in ``timings``."""
     _banner(name)
     t0 = time.perf_counter()
     out = fn()
-    print(f"[{name}] done in {time.perf_counter() - t0:.1f}s", flush=True)
+    timings[name] = time.perf_counter() - t0
+    print(f"[{name}] done in {timings[name]:.1f}s", flush=True)
     return out
+
+
+def format_timings(timings: dict[str, float], total: float) -> str:
+    """The per-stage wall-time table printed at the end of the pipeline."""
+    lines = ["| stage | seconds | share |", "|---|---:|---:|"]
+    for name, s in timings.items():
+        lines.append(f"| {name} | {s:.1f} | {s / total:.0%} |" if total > 0 else f"| {name} | {s:.1f} | |")
+    lines.append(f"| **total** (incl. start-up) | {total:.1f} | |")
+    return "\n".join(lines)
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
@@ -59,22 +70,28 @@ def run_from_args(args: argparse.Namespace) -> int:
     if ingest_cfg.dataset == "online-retail" and args.test_from is None:
         args.test_from = "2011-10-01"  # the documented evaluation split for this dataset
 
+    from common.progress import install_log_filters
     from common.spark import get_spark
 
+    install_log_filters()
     t0 = time.perf_counter()
+    timings: dict[str, float] = {}
     spark = get_spark("prodrep-pipeline") if any(s in wanted for s in ("ingest", "sessions", "cooccur", "tokenize", "embed", "neighbors")) else None
     if "ingest" in wanted:
         from spark_jobs import ingest
 
-        summary = _timed("ingest", lambda: ingest.run(spark, ingest_cfg))
+        summary = _timed("ingest", lambda: ingest.run(spark, ingest_cfg), timings)
         print(ingest.format_summary(summary))
     for stage in wanted[1:] if wanted and wanted[0] == "ingest" else wanted:
         runner = STAGE_RUNNERS.get(stage)
         if runner is None:
             log.warning("stage %s is not available in this build; skipping", stage)
             continue
-        _timed(stage, lambda: runner(spark, lake, args))
-    print(f"\npipeline finished in {time.perf_counter() - t0:.0f}s; lake at {lake}")
+        _timed(stage, lambda: runner(spark, lake, args), timings)
+    total = time.perf_counter() - t0
+    _banner("stage times")
+    print(format_timings(timings, total))
+    print(f"\npipeline finished in {total:.0f}s; lake at {lake}")
     return 0
 
 

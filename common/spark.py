@@ -17,7 +17,6 @@ LOCAL_DEFAULTS: dict[str, str] = {
     "spark.default.parallelism": "4",
     "spark.sql.execution.arrow.pyspark.enabled": "true",
     "spark.sql.adaptive.enabled": "true",
-    "spark.ui.showConsoleProgress": "true",
     "spark.python.worker.reuse": "true",
     "spark.sql.ansi.enabled": "false",
 }
@@ -53,6 +52,11 @@ def get_spark(app_name: str = "prodrep", master: str | None = None, conf: Mappin
             builder = builder.config(k, v)
     else:
         builder = builder.config("spark.sql.session.timeZone", "UTC")
+    # The console progress bar redraws in place: live on a terminal, hundreds of lines in a log file
+    # (also under spark-submit; an explicit ``conf`` entry still wins).
+    from common.progress import interactive
+
+    builder = builder.config("spark.ui.showConsoleProgress", "true" if interactive() else "false")
     for k, v in (conf or {}).items():
         builder = builder.config(k, v)
     spark = builder.getOrCreate()

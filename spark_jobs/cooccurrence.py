@@ -70,6 +70,7 @@ class CooccurrenceConfig(JobConfig):
     salt_buckets: int = 8
     broadcast_items_max: int = 2_000_000
     explode_partitions: int = 0
+    pair_budget: int = 20_000_000
 
     def validate(self) -> None:
         super().validate()
@@ -81,6 +82,8 @@ class CooccurrenceConfig(JobConfig):
             raise ConfigError(f"top_k={self.top_k} must be >= 0 (0 keeps every pair)")
         if self.n_buckets < 1 or self.salt_buckets < 1:
             raise ConfigError("n_buckets and salt_buckets must be >= 1 (defaults 16 and 8)")
+        if self.pair_budget < 1:
+            raise ConfigError("pair_budget must be >= 1 (pair occurrences a task counts at once; default 20,000,000)")
         if self.explode_partitions < 0:
             raise ConfigError("explode_partitions must be >= 0 (0 = spark.sql.shuffle.partitions)")
 
@@ -152,7 +155,11 @@ def item_frequencies(capped: "DataFrame") -> "DataFrame":
 
 
 def pair_counts(capped: "DataFrame", partitions: int | None = None) -> "DataFrame":
-    """Unordered pairs (a < b) -> count, weight = sum of 1/(m-1) over the sessions containing both."""
+    """Unordered pairs (a < b) -> count, weight = sum of 1/(m-1) over the sessions containing both.
+
+    Row-by-row reference path (one row per pair occurrence, then a shuffle of all of them): used when
+    the item vocabulary is too large to ship to every task (see :func:`scored_pairs_vectorised`).
+    """
     from pyspark.sql import functions as F
 
     multi = capped.filter(F.col("m") >= 2)
@@ -165,6 +172,173 @@ def pair_counts(capped: "DataFrame", partitions: int | None = None) -> "DataFram
     firsts = srt.select("w", "m", "srt", F.posexplode("srt").alias("i", "a"))
     exploded = firsts.select("w", "a", F.explode(F.slice("srt", F.col("i") + 2, F.col("m") - F.col("i") - 1)).alias("b"))
     return exploded.groupBy("a", "b").agg(F.count("*").alias("count"), F.sum("w").alias("weight"))
+
+
+PAIR_KEY_SCHEMA = "key long, count long, weight double"
+CODED_SCHEMA = "a long, b long, count long, weight double, bucket int"
+SCORED_SCHEMA = (
+    "item_a string, item_b string, count long, weight double, freq_a long, freq_b long, cosine double, ppmi double, "
+    "bucket int"
+)
+ARROW_ROWS = 1 << 20  # rows per Arrow batch handed back to Spark
+
+
+def _partial_pair_sums(items, n_items: int, budget: int):
+    """mapInArrow function: a task's capped baskets -> partial (key = a * n_items + b, count, weight)
+    sums for a < b, with a and b codes = positions in the sorted vocabulary ``items`` (Arrow strings).
+
+    Each chunk of sessions becomes a sparse session x item matrix X and the partial sums are the upper
+    triangle of X^T X (counts) and X^T diag(1/(m-1)) X (weights). Sessions are flushed once they hold
+    ``budget`` pair occurrences, so a worker's memory stays bounded whatever the partition size.
+    """
+
+    def flush(codes: list, lengths: list):
+        import numpy as np
+        import pyarrow as pa
+        import scipy.sparse as sp
+
+        m = np.concatenate(lengths)
+        cols = np.concatenate(codes)
+        indptr = np.concatenate([[0], np.cumsum(m)])
+        x = sp.csr_matrix((np.ones(len(cols), dtype=np.int64), cols, indptr), shape=(len(m), n_items))
+        xt = x.T.tocsr()
+        c = sp.triu(xt @ x, k=1).tocsr()
+        w = sp.triu(xt @ sp.diags(1.0 / (m - 1)) @ x, k=1).tocsr()
+        c.sort_indices()
+        w.sort_indices()
+        # Both products have X^T X's sparsity pattern (every weight > 0): canonical CSR aligns them.
+        rows = np.repeat(np.arange(n_items, dtype=np.int64), np.diff(c.indptr))
+        key = rows * n_items + c.indices
+        for s in range(0, len(key), ARROW_ROWS):
+            e = s + ARROW_ROWS
+            yield pa.RecordBatch.from_arrays(
+                [pa.array(key[s:e]), pa.array(c.data[s:e].astype(np.int64)), pa.array(w.data[s:e])],
+                names=["key", "count", "weight"],
+            )
+
+    def fn(batches):
+        import numpy as np
+        import pyarrow.compute as pc
+
+        codes: list = []
+        lengths: list = []
+        held = 0
+        for batch in batches:
+            kept = batch.column("kept")
+            m = np.asarray(pc.list_value_length(kept), dtype=np.int64)
+            # Arrow's hash lookup: no Python string objects per item occurrence
+            codes.append(np.asarray(pc.index_in(pc.list_flatten(kept), value_set=items), dtype=np.int64))
+            lengths.append(m)
+            held += int((m * (m - 1)).sum())
+            if held >= budget:
+                yield from flush(codes, lengths)
+                codes, lengths, held = [], [], 0
+        if lengths:
+            yield from flush(codes, lengths)
+
+    return fn
+
+
+def _total_pair_sums(n_items: int, buckets, min_count: int):
+    """mapInArrow function: one reducer's partial sums (all partials of its pairs) -> each pair's total
+    count and weight, min-count filter, both orders as integer codes (a, b) with a's output bucket."""
+
+    def fn(batches):
+        import numpy as np
+        import pyarrow as pa
+
+        parts = [b for b in batches if b.num_rows]
+        if not parts:
+            return
+        table = pa.Table.from_batches(parts)
+        key = np.asarray(table.column("key"))
+        order = np.argsort(key, kind="stable")
+        key = key[order]
+        starts = np.flatnonzero(np.concatenate([[True], key[1:] != key[:-1]]))
+        count = np.add.reduceat(np.asarray(table.column("count"))[order], starts)
+        weight = np.add.reduceat(np.asarray(table.column("weight"))[order], starts)
+        keep = count >= min_count
+        key, count, weight = key[starts][keep], count[keep], weight[keep]
+        a, b = key // n_items, key % n_items
+        ia, ib = np.concatenate([a, b]), np.concatenate([b, a])
+        c2, w2 = np.concatenate([count, count]), np.concatenate([weight, weight])
+        for s in range(0, len(ia), ARROW_ROWS):
+            e = s + ARROW_ROWS
+            yield pa.RecordBatch.from_arrays(
+                [pa.array(ia[s:e]), pa.array(ib[s:e]), pa.array(c2[s:e]), pa.array(w2[s:e]), pa.array(buckets[ia[s:e]])],
+                names=["a", "b", "count", "weight", "bucket"],
+            )
+
+    return fn
+
+
+def _score_coded_pairs(items, freq, n_sessions: int):
+    """mapInArrow function: (a, b, count, weight, bucket) codes -> output rows: item ids, freq_a/freq_b,
+    cosine and PPMI (the definitions of :func:`score_pairs`, vectorised)."""
+
+    def fn(batches):
+        import numpy as np
+        import pyarrow as pa
+
+        for batch in batches:
+            ia, ib = np.asarray(batch.column("a")), np.asarray(batch.column("b"))
+            count = np.asarray(batch.column("count"))
+            fa, fb = freq[ia], freq[ib]
+            c = count.astype(np.float64)
+            denom = fa.astype(np.float64) * fb.astype(np.float64)
+            yield pa.RecordBatch.from_arrays(
+                [items.take(ia), items.take(ib), batch.column("count"), batch.column("weight"), pa.array(fa), pa.array(fb),
+                 pa.array(c / np.sqrt(denom)), pa.array(np.maximum(0.0, np.log(c * float(n_sessions) / denom))), batch.column("bucket")],
+                names=["item_a", "item_b", "count", "weight", "freq_a", "freq_b", "cosine", "ppmi", "bucket"],
+            )
+
+    return fn
+
+
+def scored_pairs_vectorised(
+    capped: "DataFrame",
+    vocab: "Any",
+    n_sessions: int,
+    min_count: int,
+    partitions: int,
+    n_buckets: int,
+    budget: int = 20_000_000,
+) -> "DataFrame":
+    """Same rows as ``add_bucket(score_pairs(pair_counts(capped), ...))``, counted with sparse matrix
+    products, already partitioned by ``bucket`` (one task per bucket: one file per bucket).
+
+    ``vocab`` is a pandas DataFrame (item, freq, bucket) of every item in ``capped``. Each task sums its
+    own sessions' pairs over integer item codes (numpy/scipy); the pair shuffle carries these partial
+    sums keyed by the pair code -- keyed by the pair, so a hot item's pairs spread over all reducers by
+    their partner -- and each reducer totals and filters its pairs. Only then, as compact integer rows,
+    are the kept pairs moved to their output bucket, where item ids and scores are filled in.
+    """
+    import numpy as np
+    import pyarrow as pa
+    from pyspark.sql import functions as F
+
+    vocab = vocab.sort_values("item", kind="stable")
+    items = pa.array(vocab["item"].astype(str).tolist(), pa.string())
+    freq = np.asarray(vocab["freq"], dtype=np.int64)
+    buckets = np.asarray(vocab["bucket"], dtype=np.int32)
+    n_items = max(1, len(items))
+    shared = capped.sparkSession.sparkContext.broadcast((items, freq, buckets))  # once per executor, not per task
+    multi = capped.filter(F.col("m") >= 2).select("session_id", "kept")
+    # Spread sessions (not items) over tasks: one huge input file or session never pins one task.
+    multi = multi.repartition(partitions, F.xxhash64("session_id")).select("kept")
+
+    def count(batches):
+        return _partial_pair_sums(shared.value[0], n_items, budget)(batches)
+
+    def total(batches):
+        return _total_pair_sums(n_items, shared.value[2], min_count)(batches)
+
+    def score(batches):
+        return _score_coded_pairs(shared.value[0], shared.value[1], n_sessions)(batches)
+
+    partial = multi.mapInArrow(count, PAIR_KEY_SCHEMA)
+    totals = partial.repartition(partitions, "key").mapInArrow(total, CODED_SCHEMA)
+    return totals.repartition(n_buckets, "bucket").mapInArrow(score, SCORED_SCHEMA)
 
 
 def score_pairs(
@@ -222,7 +396,8 @@ def add_bucket(df: "DataFrame", n_buckets: int) -> "DataFrame":
 
 
 def cooccurrence(sessions: "DataFrame", cfg: CooccurrenceConfig) -> tuple["DataFrame", dict[str, Any]]:
-    """sessions -> (cooccurrence rows, stats). Runs two small driver aggregations (cap stats, item count)."""
+    """sessions -> (cooccurrence rows, partitioned by bucket; stats). Runs two small driver jobs (cap stats,
+    the vocabulary)."""
     return cooccurrence_from_capped(cap_sessions(train_baskets(sessions), cfg.max_session_items), cfg)
 
 
@@ -232,11 +407,21 @@ def cooccurrence_from_capped(capped: "DataFrame", cfg: CooccurrenceConfig) -> tu
     spark = capped.sparkSession
     stats = cap_stats(capped)
     freqs = item_frequencies(capped)
-    n_items = freqs.count()
+    # one job: the vocabulary with each item's output bucket, or the news that it is too big to ship
+    vocab = add_bucket(freqs.withColumnRenamed("item", "item_a"), cfg.n_buckets).withColumnRenamed("item_a", "item")
+    vocab = vocab.limit(cfg.broadcast_items_max + 1).toPandas()
+    n_items = len(vocab) if len(vocab) <= cfg.broadcast_items_max else freqs.count()
     parts = cfg.explode_partitions or int(spark.conf.get("spark.sql.shuffle.partitions", "200"))
-    pairs = pair_counts(capped, parts)
-    scored = score_pairs(pairs, freqs, stats["train_sessions"], cfg.min_count, broadcast=n_items <= cfg.broadcast_items_max)
-    out = add_bucket(top_k_per_item(scored, cfg.top_k, cfg.salt_buckets), cfg.n_buckets)
+    n_sessions = stats["train_sessions"]
+    if n_items <= cfg.broadcast_items_max and not cfg.top_k:  # already one task per bucket
+        out = scored_pairs_vectorised(capped, vocab, n_sessions, cfg.min_count, parts, cfg.n_buckets, cfg.pair_budget)
+    else:
+        if n_items <= cfg.broadcast_items_max:
+            scored = scored_pairs_vectorised(capped, vocab, n_sessions, cfg.min_count, parts, cfg.n_buckets, cfg.pair_budget).drop("bucket")
+        else:  # a vocabulary too big to ship to every task: explode and count row by row
+            scored = score_pairs(pair_counts(capped, parts), freqs, n_sessions, cfg.min_count, broadcast=False)
+        out = add_bucket(top_k_per_item(scored, cfg.top_k, cfg.salt_buckets), cfg.n_buckets)
+        out = out.repartition(cfg.n_buckets, "bucket")  # one file per bucket
     stats["train_items"] = int(n_items)
     return out, stats
 
@@ -256,8 +441,9 @@ def run(spark: "SparkSession", cfg: CooccurrenceConfig) -> dict[str, Any]:
     if stats["train_sessions"] == 0:
         capped.unpersist()
         raise InputError("sessions has no train sessions: check the split options of `prodrep sessions`")
-    # One file per bucket; persisted so the row count and the write share one computation.
-    out = out.repartition(cfg.n_buckets, "bucket").persist(StorageLevel.MEMORY_AND_DISK)
+    # Partitioned by bucket already (one file per bucket); persisted so the row count and the write
+    # share one computation.
+    out = out.persist(StorageLevel.MEMORY_AND_DISK)
     try:
         pairs_written = out.count()
         meta = L.job_metadata(

@@ -125,6 +125,19 @@ def test_matches_counter_reference_with_cap_and_min_count(spark):
     assert set(want) != set(reference(data, cap=5, min_count=1)[0])
 
 
+@pytest.mark.parametrize(
+    "path", [dict(pair_budget=7), dict(broadcast_items_max=1)], ids=["vectorised-many-flushes", "row-by-row"]
+)
+def test_both_counting_paths_match_counter_reference(spark, path):
+    """The per-task sparse counting flushed every few sessions, and the row-by-row path used for
+    vocabularies too big to broadcast, give the reference table too."""
+    data = make_sessions()
+    want, removed, _ = reference(data, cap=5, min_count=1)
+    got, stats = compute(spark, data, max_session_items=5, min_count=1, **path)
+    assert_same(got, want)
+    assert stats["pairs_removed_by_cap"] == removed
+
+
 def test_top_k_per_item_is_deterministic(spark):
     data = make_sessions()
     want, _, _ = reference(data, cap=0, min_count=1)

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pytest
 
@@ -246,3 +247,30 @@ def test_item2vec_tiny_deterministic_and_tuned_on_pseudo_val(lake, tmp_path):
     i2v = metrics["details"]["item2vec"]
     assert i2v["val_source"].startswith("pseudo-val") and len(i2v["grid"]) == 2
     assert bc["item2vec_tuned"]["cold_queries"] == 3
+
+
+def test_item2vec_fits_cached_by_session_content(lake, tmp_path):
+    """A re-run on unchanged sessions reuses every gensim fit from <lake>/reports/_cache (same numbers);
+    changed train sessions miss the cache and are refitted."""
+    pytest.importorskip("gensim")
+    _write_lake(lake, with_model=False)
+    cfg = _cfg(lake, tmp_path, methods=("item2vec_default", "item2vec_tuned"), item2vec_epochs=(1, 2),
+               item2vec_ns_exponents=(0.75,), item2vec_workers=1, item2vec_min_count=1)
+
+    def cache_stats() -> dict:
+        return json.loads((tmp_path / "report" / "metrics.json").read_text())["details"]["cache"]
+
+    first = run(cfg)
+    cold = cache_stats()
+    assert cold["hits"] == 0 and cold["misses"] >= 3  # 2 grid points on pseudo-val + the default fit
+    assert Path(cold["dir"]).is_relative_to(Path(lake)) and len(list(Path(cold["dir"]).glob("*.npz"))) == cold["misses"]
+    again = run(cfg)
+    assert cache_stats() == {**cold, "hits": cold["misses"], "misses": 0}
+    assert again["basket_completion"] == first["basket_completion"]
+    # one more train session: different training sentences, so every fit is new
+    sessions = read_pandas(lake, "sessions")
+    extra = sessions[sessions["split"] == "train"].head(1).assign(session_id="s_extra")
+    write_arrow(pa.Table.from_pandas(pd.concat([sessions, extra], ignore_index=True), preserve_index=False), lake, "sessions", mode="overwrite")
+    run(cfg)
+    assert cache_stats()["hits"] == 0
+

@@ -15,12 +15,15 @@ import logging
 import time
 import zlib
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import scipy.sparse as sp
 
 from common.evaluation.protocol import LOW, EvalContext
+
+if TYPE_CHECKING:  # pragma: no cover
+    from common.evaluation.cache import FitCache
 
 log = logging.getLogger(__name__)
 
@@ -212,13 +215,24 @@ def fit_item2vec(
     return list(model.wv.index_to_key), np.asarray(model.wv.vectors, dtype=np.float32)
 
 
-def item2vec_method(name: str, ctx: EvalContext, params: Item2VecParams, **kw: Any) -> Dense:
-    """Fit item2vec on ``ctx``'s train sessions and wrap it as a :class:`Dense` method."""
+def item2vec_method(name: str, ctx: EvalContext, params: Item2VecParams, cache: "FitCache | None" = None, **kw: Any) -> Dense:
+    """Fit item2vec on ``ctx``'s train sessions (or reuse ``cache``'s fit of the same sessions and
+    parameters) and wrap it as a :class:`Dense` method."""
+    from common.evaluation.cache import cache_key, sessions_digest
+
     t0 = time.perf_counter()
     sessions = [ctx.items[s].tolist() for s in ctx.train_sessions]
-    vocab, vecs = fit_item2vec(sessions, params, **kw)
+
+    def fit() -> tuple[list[str], np.ndarray]:
+        return fit_item2vec(sessions, params, **kw)
+
+    if cache is None:
+        (vocab, vecs), cached = fit(), False
+    else:
+        key = cache_key(kind="item2vec", sessions=sessions_digest(sessions), params=params.__dict__, **kw)
+        vocab, vecs, cached = cache.vectors(key, fit, f"item2vec {params.label()}")
     m = dense_from_mapping(name, ctx, vocab, vecs)
-    m.info.update({"params": params.__dict__, "vocab": len(vocab), "fit_s": round(time.perf_counter() - t0, 1)})
+    m.info.update({"params": params.__dict__, "vocab": len(vocab), "fit_s": round(time.perf_counter() - t0, 1), "cached": cached})
     return m
 
 
@@ -232,6 +246,7 @@ def tune_item2vec(
     grid: Sequence[Item2VecParams],
     k: int = 20,
     batch_size: int = 1024,
+    cache: "FitCache | None" = None,
     **fit_kw: Any,
 ) -> tuple[Item2VecParams, list[dict[str, Any]]]:
     """Pick the grid point with the best Recall@k on ``val_ctx`` (built from the tuning-train sessions
@@ -244,7 +259,7 @@ def tune_item2vec(
     rows: list[dict[str, Any]] = []
     best: tuple[float, int] | None = None
     for i, p in enumerate(grid):
-        m = item2vec_method("item2vec_val", val_ctx, p, **fit_kw)
+        m = item2vec_method("item2vec_val", val_ctx, p, cache=cache, **fit_kw)
         hits = evaluate_scores(val_ctx, m.score, depth=k, batch_size=batch_size, progress=False)
         r = float(recall_at_k(hits, val_ctx.queries.n_targets, k).mean()) if len(hits) else 0.0
         rows.append({**p.__dict__, f"val_recall@{k}": round(r, 4), "fit_s": m.info["fit_s"]})

@@ -26,6 +26,7 @@ import numpy as np
 from common.config import ConfigError, InputError, JobConfig, build_config, parse_overrides
 from common.evaluation import baselines as B
 from common.evaluation import itemitem as II
+from common.evaluation.cache import FitCache
 from common.evaluation.metrics import ndcg_at_k, recall_at_k, recall_curve
 from common.evaluation.probe import category_probe, probe_items
 from common.evaluation.protocol import EvalContext, build_context, evaluate_scores
@@ -63,6 +64,9 @@ class EvaluateConfig(JobConfig):
     item2vec_samples: tuple[float, ...] = (1e-3,)
     item2vec_min_count: int = 5  # gensim's default
     item2vec_workers: int = 2  # >1 is faster but not bit-reproducible (gensim threads)
+    # item2vec fits are cached under <lake>/reports/_cache/, keyed by a digest of the train sessions and
+    # the parameters: a re-run on unchanged sessions reuses them instead of retraining gensim
+    cache: bool = True
     pseudo_val_fraction: float = 0.1  # no val split: most recent share of train sessions tunes item2vec
     tune_k: int = 20  # item2vec grid picks the best val Recall@tune_k
     # RP3beta / EASE grids, chosen on the val split (or pseudo-val) like item2vec; beta=0 is always tried
@@ -217,13 +221,13 @@ def build_method(name: str, ctx: EvalContext, cfg: EvaluateConfig, state: dict[s
             return None
         fit_kw = {"seed": cfg.seed, "workers": cfg.item2vec_workers, "min_count": cfg.item2vec_min_count}
         params = B.Item2VecParams() if name == "item2vec_default" else tune(ctx, cfg, state, fit_kw)
-        cache = state.setdefault("item2vec_fits", {})
-        if params in cache:  # the grid chose gensim's defaults: same fit, no second training
-            prev = cache[params]
+        fits = state.setdefault("item2vec_fits", {})
+        if params in fits:  # the grid chose gensim's defaults: same fit, no second training
+            prev = fits[params]
             m = B.Dense(name, prev.vectors, prev.present)
             m.info.update(prev.info, reused_fit_of=prev.name)
             return m
-        cache[params] = m = B.item2vec_method(name, ctx, params, **fit_kw)
+        fits[params] = m = B.item2vec_method(name, ctx, params, cache=state["cache"], **fit_kw)
         return m
     if name == "tfidf":
         if not any(ctx.texts):
@@ -268,7 +272,7 @@ def tune(ctx: EvalContext, cfg: EvaluateConfig, state: dict[str, Any], fit_kw: d
     grid = B.item2vec_grid(cfg.item2vec_epochs, cfg.item2vec_ns_exponents, cfg.item2vec_samples)
     log.info("item2vec: tuning %d grid points on %s, %d val queries", len(grid), source, len(val_ctx.queries))
     t0 = time.perf_counter()
-    chosen, rows = B.tune_item2vec(val_ctx, grid, k=cfg.tune_k, batch_size=cfg.batch_size, **fit_kw)
+    chosen, rows = B.tune_item2vec(val_ctx, grid, k=cfg.tune_k, batch_size=cfg.batch_size, cache=state["cache"], **fit_kw)
     state["item2vec"] = {"val_source": source, "val_queries": len(val_ctx.queries), "grid": rows, "chosen": chosen.label(), "tune_s": round(time.perf_counter() - t0, 1)}
     return chosen
 
@@ -281,6 +285,16 @@ def tune_itemitem(name: str, ctx: EvalContext, cfg: EvaluateConfig, state: dict[
     state.setdefault("tuning", {})[name] = {"val_source": source, "val_queries": len(val_ctx.queries), "grid": rows, "chosen": chosen, "tune_s": round(time.perf_counter() - t0, 1)}
     log.info("%s: chose %s on %s", name, chosen, source)
     return chosen
+
+
+def fit_cache(cfg: EvaluateConfig, dataset: dict[str, Any]) -> FitCache:
+    """The item2vec fit cache of this lake (a no-op store when disabled or the lake is remote)."""
+    from common import lake as L
+
+    if not cfg.cache or L.is_remote(cfg.lake):
+        return FitCache(None)
+    provenance = {"sessions_version": dataset["sessions_version"], "lake": cfg.lake}
+    return FitCache(Path(L.artefact_dir(cfg.lake, "reports", "_cache")), provenance)
 
 
 # ----------------------------------------------------------------------------------- probe, ppl, plot
@@ -425,7 +439,8 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
     unknown = [m for m in cfg.methods if m not in BASELINES and m not in versions]
     if unknown:
         raise ConfigError(f"unknown method(s) {unknown}: choose from {list(BASELINES) + versions}")
-    state: dict[str, Any] = {"notes": notes, "sessions": sessions, "texts": texts, "embeddings": emb, "categories": categories, "titles": titles}
+    state: dict[str, Any] = {"notes": notes, "sessions": sessions, "texts": texts, "embeddings": emb, "categories": categories, "titles": titles,
+                             "cache": fit_cache(cfg, dataset)}
     probe_idx, probe_labels, dropped = probe_items(
         ctx.popularity, [categories.get(str(i)) for i in ctx.items], cfg.probe_min_sessions, cfg.probe_folds
     )
@@ -490,6 +505,7 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
         "projection_method": best,
         "notes": notes,
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
+        "cache": {"dir": str(state["cache"].dir) if state["cache"].dir else None, "hits": state["cache"].hits, "misses": state["cache"].misses},
     }
     if "probe_note" in state:
         details["probe_note"] = state["probe_note"]

@@ -241,13 +241,15 @@ def evaluate_scores(
     """Rank every query with ``score(query_indices) -> (B, N) scores``; return the (Q, depth) hits."""
     from tqdm.auto import tqdm
 
+    from common.progress import tqdm_disable
+
     q = ctx.queries
     depth = min(depth, int(ctx.is_candidate.sum()) - 1)
     # bound the (B, N) float64 working set to ~400 MB however large the catalog is
     batch_size = max(1, min(batch_size, 50_000_000 // max(ctx.n_items, 1)))
     hits = np.zeros((len(q), max(depth, 0)), dtype=bool)
     starts = range(0, len(q), batch_size)
-    for start in tqdm(starts, desc=desc, disable=not progress or len(starts) < 2, leave=False):
+    for start in tqdm(starts, desc=desc, disable=tqdm_disable(progress and len(starts) >= 2), leave=False):
         sl = slice(start, start + batch_size)
         qi = q.query[sl]
         ranked = top_k(score(qi), qi, ctx.is_candidate, depth)
