@@ -396,7 +396,7 @@ class DeltaWriter(DataSourceArrowWriter):
         committed = {a.path for a in adds}
         _commit_barrier()
         if os.environ.get("PRODREP_FAULT") == "delta:before_commit":  # test hook: the driver dies mid-write
-            os.kill(_driver_pid(), 9)
+            _kill_driver()
         try:
             for _ in range(50):
                 if self._try_commit(adds, props, so):
@@ -619,6 +619,16 @@ def _driver_pid() -> int:
         if pid <= 1:
             break
     return os.getpid()
+
+
+def _kill_driver() -> None:
+    """Test hook: SIGKILL the user's Python driver (the JVM's parent) and the driver JVM, as a crash would."""
+    jvm = _driver_pid()
+    with open(f"/proc/{jvm}/stat") as f:
+        parent = int(f.read().rsplit(")", 1)[1].split()[1])
+    for pid in (parent, jvm):
+        if pid > 1:
+            os.kill(pid, 9)
 
 
 def _pid_alive(pid: int) -> bool:
