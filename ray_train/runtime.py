@@ -60,12 +60,11 @@ def build_trainer(
 
 
 def wait_for_free_cpus(needed: float, timeout_s: float = 120.0) -> None:
-    """Wait until the cluster has ``needed`` CPUs free: the workers plus one for Ray Data's reads.
-
-    A previous TorchTrainer's worker group and Ray Data tasks release their CPUs asynchronously after
-    ``fit()`` returns; on a small, busy cluster the next trainer then got its worker group but Ray
-    Data's read tasks stayed queued behind the leftovers' CPUs ("backpressured: ResourceBudget"), and
-    training waited on data forever. Waiting here costs nothing when the cluster is idle.
+    """Wait (at most ``timeout_s``) until the cluster has ``needed`` CPUs free: the workers plus one
+    for Ray Data's reads. A previous TorchTrainer's worker group and Ray Data tasks release their CPUs
+    asynchronously after ``fit()`` returns. This does not by itself cure the round-1 hang (a second
+    trainer on a small long-lived Ray whose Ray Data budget shows 0 CPUs; see the README's Training
+    section); it only keeps a new run from starting while the last one still holds its CPUs.
     """
     import time
 
