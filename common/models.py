@@ -23,6 +23,8 @@ import json
 import logging
 import os
 import re
+import shutil
+import tempfile
 import threading
 import uuid
 from datetime import datetime, timezone
@@ -458,6 +460,39 @@ def load_encoder(model_dir: str | os.PathLike, device: str | None = None) -> Tex
     return TextEncoder(str(p), meta, device or default_device())
 
 
+def local_model_dir(model: str | os.PathLike) -> str:
+    """A local directory holding the model at ``model``: a plain path as it is; a URI (``s3://``,
+    ``gs://``, ``file://`` ...) downloaded once per machine with pyarrow into
+    ``$PRODREP_MODEL_CACHE`` (default ``<tmp>/prodrep-models``), keyed by the export's content
+    (its ``prodrep.json`` or ``config.json`` and file sizes), so executors need no shared path."""
+    model = str(model)
+    if "://" not in model:
+        return model
+    import pyarrow.fs as pafs
+
+    fs, root = pafs.FileSystem.from_uri(model)
+    files = [f for f in fs.get_file_info(pafs.FileSelector(root, recursive=True)) if f.type == pafs.FileType.File]
+    if not files:
+        raise InputError(f"model {model}: no files there; pass --model <lake URI>/models/<run> (an exported model)")
+    h = hashlib.sha1()
+    for f in sorted(files, key=lambda f: f.path):
+        h.update(f"{f.path[len(root):]}\0{f.size}\0".encode())
+        if f.base_name in (META_FILE, "config.json"):
+            with fs.open_input_stream(f.path) as src:
+                h.update(src.read())
+    cache = Path(os.environ.get("PRODREP_MODEL_CACHE") or Path(tempfile.gettempdir()) / "prodrep-models")
+    target = cache / h.hexdigest()[:16]
+    if not target.is_dir():
+        tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=cache.mkdir(parents=True, exist_ok=True) or cache))
+        pafs.copy_files(root, str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        try:
+            tmp.rename(target)  # atomic: a concurrent worker on the same machine sees all or nothing
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)  # another worker got there first
+        log.info("downloaded model %s to %s", model, target)
+    return str(target)
+
+
 _CACHE: dict[tuple[str, str], TextEncoder] = {}
 _CACHE_LOCK = threading.Lock()
 
@@ -468,7 +503,7 @@ def cached_encoder(model_dir: str | os.PathLike, device: str | None = None) -> T
     Lives in an importable module (not ``__main__``) so a reused Spark Python worker or a Ray actor
     loads the model once and keeps it for every later batch and task.
     """
-    key = (str(Path(str(model_dir).removeprefix("file://")).expanduser().resolve()), device or default_device())
+    key = (str(Path(local_model_dir(model_dir)).expanduser().resolve()), device or default_device())
     with _CACHE_LOCK:
         enc = _CACHE.get(key)
         if enc is None:

@@ -7,9 +7,14 @@ default to ``local[2]`` with settings that suit one small machine.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from typing import Mapping
+
+# faiss' loader logs "ModuleNotFoundError('faiss.swigfaiss_avx512')" at INFO when it falls back to its
+# AVX2 build: expected on most CPUs, alarming in job logs (prodrep's jobs log at INFO).
+logging.getLogger("faiss.loader").setLevel(logging.WARNING)
 
 LOCAL_DEFAULTS: dict[str, str] = {
     "spark.sql.session.timeZone": "UTC",
@@ -19,6 +24,20 @@ LOCAL_DEFAULTS: dict[str, str] = {
     "spark.sql.adaptive.enabled": "true",
     "spark.python.worker.reuse": "true",
     "spark.sql.ansi.enabled": "false",
+}
+
+# Applied under spark-submit too, unless the submit command / spark-defaults set them: partition counts
+# follow the data (AQE merges small shuffle partitions by size, not down to default parallelism only),
+# so a 4k-row catalog is not written as 200 files. ANSI mode (Spark 4's default) is left as it is.
+CLUSTER_DEFAULTS: dict[str, str] = {
+    "spark.sql.session.timeZone": "UTC",
+    "spark.sql.adaptive.enabled": "true",
+    "spark.sql.adaptive.coalescePartitions.enabled": "true",
+    "spark.sql.adaptive.coalescePartitions.parallelismFirst": "false",
+    "spark.sql.adaptive.advisoryPartitionSizeInBytes": "32m",
+    # jobs persist() intermediate DataFrames: without this AQE keeps the 200 shuffle partitions under a cache
+    "spark.sql.optimizer.canChangeCachedPlanOutputPartitioning": "true",
+    "spark.sql.execution.arrow.pyspark.enabled": "true",
 }
 
 
@@ -45,13 +64,12 @@ def get_spark(app_name: str = "prodrep", master: str | None = None, conf: Mappin
     launched_by_submit = "spark.master" in os.environ.get("PYSPARK_SUBMIT_ARGS", "") or os.environ.get(
         "SPARK_ENV_LOADED"
     )
-    if master or not launched_by_submit:
+    local = bool(master or not launched_by_submit)
+    if local:
         builder = builder.master(master or os.environ.get("PRODREP_SPARK_MASTER", "local[2]"))
         builder = builder.config("spark.driver.memory", os.environ.get("PRODREP_DRIVER_MEMORY", "4g"))
         for k, v in LOCAL_DEFAULTS.items():
             builder = builder.config(k, v)
-    else:
-        builder = builder.config("spark.sql.session.timeZone", "UTC")
     # The console progress bar redraws in place: live on a terminal, hundreds of lines in a log file
     # (also under spark-submit; an explicit ``conf`` entry still wins).
     from common.progress import interactive
@@ -60,6 +78,11 @@ def get_spark(app_name: str = "prodrep", master: str | None = None, conf: Mappin
     for k, v in (conf or {}).items():
         builder = builder.config(k, v)
     spark = builder.getOrCreate()
+    if not local:
+        submitted = spark.sparkContext.getConf()
+        for k, v in CLUSTER_DEFAULTS.items():
+            if not submitted.contains(k) and k not in (conf or {}):
+                spark.conf.set(k, v)
     spark.sparkContext.setLogLevel(os.environ.get("PRODREP_SPARK_LOG_LEVEL", "WARN"))
     from common.delta_source import register
 

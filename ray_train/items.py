@@ -69,6 +69,8 @@ from common.config import ConfigError, InputError, JobConfig, build_config, pars
 from common.text import DEFAULT_TEMPLATE
 from ray_train.data import pad_batch
 
+STATE_FILE = "state.pt"  # training state inside each Ray checkpoint dir
+
 log = logging.getLogger(__name__)
 
 INPUT_TABLES = ("sessions", "cooccurrence", "catalog")
@@ -115,6 +117,9 @@ class ItemsConfig(JobConfig):
     id_lr: float = 0.05
     id_dropout: float = 0.5  # stage 2: chance a side of a pair drops its ID vector (trains text->ID retrieval for cold queries)
     warmup: float = 0.1  # share of steps with linear warmup
+    keep_checkpoints: int = 2  # one checkpoint per epoch under <lake>/_ray/<run>; same run name = resume
+    max_failures: int = 1  # worker failures Ray Train recovers from (restart from the last checkpoint); -1 = always
+    restart: bool = False  # drop the run's checkpoints and start over instead of resuming
     text_template: str = DEFAULT_TEMPLATE
 
     def validate(self) -> None:
@@ -125,6 +130,8 @@ class ItemsConfig(JobConfig):
             raise ConfigError("workers and cpus_per_worker must be >= 1 (e.g. --workers 2)")
         if self.epochs < 1:
             raise ConfigError(f"epochs={self.epochs}: need at least 1")
+        if self.keep_checkpoints < 1 or self.max_failures < -1:
+            raise ConfigError("keep_checkpoints must be >= 1 and max_failures >= -1 (-1 = retry forever, 0 = fail at once)")
         for name in ("pairs", "batch_size"):
             v = getattr(self, name)
             if v is not None and v < 1:
@@ -333,6 +340,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train.torch
     from tqdm.auto import tqdm
 
+    from ray_train.runtime import load_resume_state, report_checkpoint
+
     torch, SkipGram, TextTower, IdResidual, NegativeSampler, info_nce = _torch_modules()
     torch.set_num_threads(int(config["threads"]))
     torch.manual_seed(int(config["seed"]))
@@ -382,9 +391,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         sampler = NegativeSampler(items["freq"].to_numpy(), float(config["neg_alpha"]), seed=seed * 1000 + rank)
         warm = 0
     sched = _linear_schedule(opt, total_steps, warm)
-    step, seen, t0 = 0, 0, time.perf_counter()
+    step, seen, t0, first_epoch = 0, 0, time.perf_counter(), 0
     history: list[dict[str, Any]] = []
-    for epoch in range(int(config["epochs"])):
+    st = load_resume_state(config, STATE_FILE, lambda s: int(s["step"]))
+    if st is not None:  # every worker loads the same state, so DDP replicas stay identical
+        raw.load_state_dict(st["model"])
+        opt.load_state_dict(st["optimizer"])
+        sched.load_state_dict(st["scheduler"])
+        step, seen, history, first_epoch = st["step"], st["seen"], st["history"], st["epoch"] + 1
+        if rank == 0:
+            log.info("resuming %s after epoch %d (step %d)", config["run_name"], st["epoch"], step)
+    for epoch in range(first_epoch, int(config["epochs"])):
         if step >= total_steps:
             break
         model.train()
@@ -423,7 +440,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if fusion:
             rec["temperature"] = float(raw.temperature())
         history.append(rec)
-        ray.train.report(rec)
+        state = None
+        if rank == 0:
+            state = dict(model=raw.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(), step=step,
+                         seen=seen, epoch=epoch, history=history)  # fmt: skip
+        report_checkpoint(rec, rank, state, STATE_FILE)
     if step == 0:
         raise InputError("no training batch: the pair sample is smaller than one batch per worker; raise --pairs or lower --batch-size")
     final = dict(history[-1], first_epoch_loss=history[0]["loss"])
@@ -564,12 +585,12 @@ def _init_dir(cfg: ItemsConfig) -> tuple[str, str | None]:
 def train_items(cfg: ItemsConfig) -> dict[str, Any]:
     """Prepare pairs with Ray Data, run the ``TorchTrainer``, return the final metrics (+ model_dir)."""
     import ray.data
-    from ray.train import DataConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train import DataConfig
 
     from common import lake as lk
     from ray_train.cluster import ensure_ray
     from ray_train.pairs import cooc_weights, item_frequencies, item_texts, pair_dataset
+    from ray_train.runtime import build_trainer
 
     hp = cfg.resolved()
     inputs = lk.input_versions(cfg.lake, INPUT_TABLES)
@@ -614,13 +635,14 @@ def train_items(cfg: ItemsConfig) -> dict[str, Any]:
         "inputs": inputs,
         "job_config": cfg.to_dict(),
     }
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpu, resources_per_worker={"CPU": cfg.cpus_per_worker}),
-        datasets=datasets,
+    storage = lk.artefact_dir(cfg.lake, "_ray")
+    if cfg.restart and not lk.is_remote(storage):
+        shutil.rmtree(Path(storage) / cfg.name, ignore_errors=True)
+    trainer = build_trainer(
+        train_loop_per_worker, loop_config, run_name=cfg.name, storage=storage, workers=cfg.workers, gpu=cfg.gpu,
+        cpus_per_worker=cfg.cpus_per_worker, datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=split),  # every worker needs every item's text
-        run_config=RunConfig(name=cfg.name, storage_path=lk.artefact_dir(cfg.lake, "_ray")),
+        keep_checkpoints=cfg.keep_checkpoints, max_failures=cfg.max_failures,
     )
     trainer.fit()
     from common.models import read_meta
@@ -690,14 +712,16 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dim", type=int, default=None, help="id: vector size")
     p.add_argument("--neg-alpha", type=float, default=None, help="id: negatives ∝ freq^alpha")
     p.add_argument("--temperature", type=float, default=None, help="fusion: InfoNCE temperature")
-    p.add_argument("--name", dest="run_name", default=None, help="run name (models/<name>, default items-<kind>)")
+    p.add_argument("--run-name", "--name", dest="run_name", default=None,
+                   help="run name (models/<name>, default items-<kind>; same name = resume from its last checkpoint)")
+    p.add_argument("--restart", action="store_true", default=None, help="discard the run's checkpoints, start over")
     p.add_argument("--config", default=None, help="YAML file with any ItemsConfig field")
     p.add_argument("--set", action="append", default=None, metavar="KEY=VALUE", help="override any ItemsConfig field")
 
 
 def config_from_args(args: argparse.Namespace) -> ItemsConfig:
     flags = {k: getattr(args, k, None) for k in ("lake", "kind", "init", "workers", "gpu", "epochs", "pairs", "batch_size",
-                                                 "lr", "dim", "neg_alpha", "temperature", "run_name")}  # fmt: skip
+                                                 "lr", "dim", "neg_alpha", "temperature", "run_name", "restart")}  # fmt: skip
     return build_config(ItemsConfig, args.config, **{**parse_overrides(args.set), **flags})
 
 

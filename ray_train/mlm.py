@@ -60,7 +60,7 @@ class MLMConfig(JobConfig):
     grad_accum: int = 1
     lr: float = 5e-4
     weight_decay: float = 0.01
-    warmup_steps: int = 30
+    warmup_steps: int | None = None  # default: min(30, 10% of max_steps)
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     min_lr_ratio: float = 0.1
     max_grad_norm: float = 1.0
@@ -72,6 +72,7 @@ class MLMConfig(JobConfig):
     patience: int = 0  # evals without val improvement before stopping early; 0 = never stop early
     checkpoint_interval: int = 100
     keep_checkpoints: int = 2
+    max_failures: int = 1  # worker failures Ray Train recovers from (restart from the last checkpoint); -1 = always
     bucket_batches: int = 50  # length-bucketing buffer, in batches
     packing: bool = False  # pack several items per sequence (no padding at all) instead of bucketing
     pack_length: int = 128
@@ -96,8 +97,11 @@ class MLMConfig(JobConfig):
             raise ConfigError(f"mask_rate={self.mask_rate}: must be in (0, 1); BERT uses 0.15")
         if self.lr <= 0:
             raise ConfigError(f"lr={self.lr}: must be > 0 (e.g. 5e-4 from scratch, 5e-5 with --init)")
-        if not 0 <= self.warmup_steps < self.max_steps:
-            raise ConfigError(f"warmup_steps={self.warmup_steps}: must be in [0, max_steps={self.max_steps})")
+        if self.warmup_steps is not None and not 0 <= self.warmup_steps < self.max_steps:
+            raise ConfigError(f"warmup_steps={self.warmup_steps}: must be in [0, max_steps={self.max_steps}); "
+                              "lower it with --set warmup_steps=N or leave it unset (10% of --max-steps, at most 30)")
+        if self.max_failures < -1:
+            raise ConfigError(f"max_failures={self.max_failures}: use -1 (retry forever), 0 (fail at once) or a count")
         if self.cpus_per_worker <= 0:
             raise ConfigError(f"cpus_per_worker={self.cpus_per_worker}: must be > 0")
         if self.init and not Path(self.init).is_dir():
@@ -291,13 +295,6 @@ def _epoch_batches(
     return bucket_batches(stream, cfg["batch_size"], rng, cfg["bucket_batches"])
 
 
-def _save_state(path: Path, **state: Any) -> None:
-    import torch
-
-    path.mkdir(parents=True, exist_ok=True)
-    torch.save(state, path / STATE_FILE)
-
-
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Per-worker MLM training: model + DDP, sharded data, masking, steps, eval, checkpoints; rank 0 exports."""
     import ray.train
@@ -306,6 +303,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     from ray_train.data import MaskingCollator, SpecialTokens, arrow_to_seqs, fixed_masked_batches, load_tokenizer
     from ray_train.optim import build_optimizer, build_scheduler
+    from ray_train.runtime import load_resume_state
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -329,10 +327,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     history: list[dict[str, Any]] = []
     best = {"ppl": float("inf"), "step": 0, "bad_evals": 0, "state": None}
     ppl_before = None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            st = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
+    st = load_resume_state(config, STATE_FILE, lambda s: int(s["step"]))
+    if st is not None:
         mlm.load_state_dict(st["model"])
         optimizer.load_state_dict(st["optimizer"])
         scheduler.load_state_dict(st["scheduler"])
@@ -472,15 +468,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 def _report(metrics: dict[str, Any], rank: int, state: dict[str, Any] | None) -> None:
     """ray.train.report with a checkpoint of ``state`` written by rank 0 (other ranks report none)."""
-    import ray.train
+    from ray_train.runtime import report_checkpoint
 
-    with tempfile.TemporaryDirectory() as tmp:
-        ckpt = None
-        if rank == 0 and state is not None:
-            _save_state(Path(tmp), **state)
-            ckpt = ray.train.Checkpoint.from_directory(tmp)
-        name = f"step_{metrics['step']:07d}" + ("_final" if metrics.get("exported") else "")
-        ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=name)
+    report_checkpoint(metrics, rank, state, STATE_FILE)
 
 
 def _export(mlm: Any, tok: Any, config: dict[str, Any], final: dict[str, Any], history: list[dict[str, Any]]) -> str:
@@ -522,14 +512,13 @@ def _export(mlm: Any, tok: Any, config: dict[str, Any], final: dict[str, Any], h
 def train_mlm(cfg: MLMConfig) -> dict[str, Any]:
     """Build and run the ``TorchTrainer``; returns the final metrics (val perplexity before/after,
     steps, model_dir, ...). Same run name = resume from the last checkpoint."""
-    import ray.train
     from ray.data import ExecutionOptions
-    from ray.train import CheckpointConfig, DataConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train import DataConfig
 
     from common import lake as lk
     from ray_train.cluster import ensure_ray
     from ray_train.data import read_text_splits, shards_info
+    from ray_train.runtime import build_trainer, scaled_warmup
 
     info = shards_info(cfg.lake, cfg.shards_version)
     if cfg.init:
@@ -542,6 +531,7 @@ def train_mlm(cfg: MLMConfig) -> dict[str, Any]:
     loop_config = {
         **{k: v for k, v in cfg.to_dict().items() if k not in ("lake", "restart", "shards_version", "run_name")},
         "run_name": cfg.name,
+        "warmup_steps": scaled_warmup(cfg.warmup_steps, cfg.max_steps),
         "threads": max(1, int(cfg.cpus_per_worker)),
         "tokenizer_dir": info.tokenizer_dir,
         "tokenizer_hash": info.tokenizer_hash,
@@ -552,19 +542,13 @@ def train_mlm(cfg: MLMConfig) -> dict[str, Any]:
         "export_dir": lk.artefact_dir(cfg.lake, "models", cfg.name),
         "job_config": cfg.to_dict(),
     }
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpu, resources_per_worker={"CPU": cfg.cpus_per_worker}),
-        datasets=datasets,
+    trainer = build_trainer(
+        train_loop_per_worker, loop_config, run_name=cfg.name, storage=storage, workers=cfg.workers, gpu=cfg.gpu,
+        cpus_per_worker=cfg.cpus_per_worker, datasets=datasets,
         # preserve_order: a worker sees the same rows in the same order on every run, so a resumed
         # run continues exactly where it stopped
         dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
-        run_config=RunConfig(
-            name=cfg.name,
-            storage_path=storage,
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
-        ),
+        keep_checkpoints=cfg.keep_checkpoints, max_failures=cfg.max_failures,
     )
     result = trainer.fit()
     metrics = dict(result.metrics or {})
@@ -623,7 +607,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-steps", type=int, help="optimizer steps (LR schedule horizon)")
     p.add_argument("--batch-size", type=int, help="sequences per worker per micro-batch")
     p.add_argument("--lr", type=float, help="peak learning rate")
-    p.add_argument("--run-name", help="run name (same name = resume from its last checkpoint)")
+    p.add_argument("--run-name", "--name", dest="run_name", help="run name (same name = resume from its last checkpoint)")
     p.add_argument("--restart", action="store_true", default=None, help="discard the run's checkpoints, start over")
     p.add_argument("--config", help="YAML file with MLMConfig fields")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any MLMConfig field, e.g. --set whole_word=true")

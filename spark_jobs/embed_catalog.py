@@ -271,10 +271,12 @@ def merge_model_rows(others: "DataFrame | None", kept: "DataFrame | None", new: 
 def run(spark: "SparkSession", cfg: EmbedConfig) -> dict[str, Any]:
     """Embed the catalog with ``cfg.model`` and replace that model's rows of item_embeddings."""
     from common import lake as L
-    from common.models import ITEM_VECTORS_FILE, read_meta
+    from common.models import ITEM_VECTORS_FILE, local_model_dir, read_meta
 
-    meta = read_meta(cfg.model)
-    model_dir = str(Path(cfg.model).expanduser().resolve())
+    meta = read_meta(local_model_dir(cfg.model))
+    # a URI goes to the executors as it is (each downloads it once, common.models.local_model_dir);
+    # a relative path is made absolute here, where it was meant
+    model_dir = cfg.model if "://" in cfg.model else str(Path(cfg.model).expanduser().resolve())
     version, kind, dim = meta["model_version"], meta["kind"], int(meta["dim"])
     cat_v = L.table_version(cfg.lake, "catalog")
     if cat_v is None:

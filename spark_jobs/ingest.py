@@ -49,7 +49,18 @@ CATALOG_FIELDS = ("item_id", "title", "description", "category", "brand", "price
 # Item-text columns an events file may carry; then the catalog can be derived from the events.
 EVENT_TEXT_FIELDS = ("title", "description", "category", "brand")
 
-DATA_DIR = Path(os.environ.get("PRODREP_DATA_DIR", Path(__file__).resolve().parents[1] / "data"))
+
+
+def data_dir() -> Path:
+    """The embedded datasets: ``$PRODREP_DATA_DIR``, else ``data/`` beside the source tree, else
+    ``./data`` in the driver's working dir (spark-submit --py-files: this file sits inside a zip)."""
+    if os.environ.get("PRODREP_DATA_DIR"):
+        return Path(os.environ["PRODREP_DATA_DIR"])
+    candidates = [Path(__file__).resolve().parents[1] / "data", Path.cwd() / "data"]
+    return next((c for c in candidates if c.is_dir()), candidates[0])
+
+
+DATA_DIR = data_dir()
 
 
 @dataclass(frozen=True)
@@ -95,10 +106,14 @@ class IngestConfig(JobConfig):
 
 def online_retail_preset(lake: str) -> IngestConfig:
     """UCI Online Retail: invoice = session, StockCode = item, most frequent Description = title."""
+    events = data_dir() / "online_retail" / "online_retail.parquet"
+    if not events.is_file():
+        raise InputError(f"--dataset online-retail: {events} not found. Run from a prodrep checkout (./data) or set "
+                         "PRODREP_DATA_DIR to the folder holding online_retail/online_retail.parquet")
     return IngestConfig(
         lake=lake,
         dataset="online-retail",
-        events=str(DATA_DIR / "online_retail" / "online_retail.parquet"),
+        events=str(events),
         events_format="parquet",
         events_map={
             "session_id": "InvoiceNo",

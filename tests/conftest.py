@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -57,3 +58,42 @@ def ray_local():
     ensure_ray()
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def isolated_python(tmp_path_factory):
+    """An interpreter with this venv's dependencies but *not* prodrep's editable install, for jobs
+    submitted to a cluster: a file missing from the shipped zip / working dir then fails the job.
+
+    A bare venv whose one ``.pth`` line puts the venv's site-packages on ``sys.path``: ``.pth`` files
+    inside a directory added that way are not processed, so the editable-install hook never runs.
+    No pip, no network: a second or so.
+    """
+    import subprocess
+    import sysconfig
+
+    d = tmp_path_factory.mktemp("isolated-venv")
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(d)], check=True)
+    purelib = Path(sysconfig.get_paths(vars={"base": str(d), "platbase": str(d)})["purelib"])
+    (purelib / "prodrep-deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    python = d / "bin" / "python"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    probe = subprocess.run([str(python), "-c", "import pyspark, ray, torch; import common"], cwd=d, env=env,
+                           capture_output=True, text=True)  # fmt: skip
+    assert "No module named 'common'" in probe.stderr, probe.stderr  # deps there, prodrep not
+    return python
+
+
+@pytest.fixture(scope="session")
+def data_slice(tmp_path_factory) -> Path:
+    """The first 6,000 raw rows of the embedded Online Retail file, laid out as a PRODREP_DATA_DIR
+    (``--dataset online-retail`` then reads the slice): the cluster stages' small real input."""
+    import pyarrow.parquet as pq
+
+    from spark_jobs.ingest import data_dir
+
+    d = tmp_path_factory.mktemp("data")
+    (d / "online_retail").mkdir()
+    full = pq.read_table(data_dir() / "online_retail" / "online_retail.parquet")
+    pq.write_table(full.slice(0, 6000), d / "online_retail" / "online_retail.parquet")
+    return d

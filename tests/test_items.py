@@ -157,3 +157,15 @@ def test_fusion_cold_item_lands_in_its_text_group(toy_lake, tiny_bert, ray_local
     assert trained > 0.1 and trained > untrained + 0.1
     top = neighbours_by_title(res["model_dir"], toy_lake, ["red apple fruit cold"], k=5)["red apple fruit cold"]
     assert len(top) == 5 and all(item.startswith("A") for item, _, _ in top)
+
+
+def test_run_name_flag_matches_train_mlm(lake):
+    import argparse
+
+    from ray_train.items import config_from_args, configure_parser
+
+    p = argparse.ArgumentParser()
+    configure_parser(p)
+    for flag in ("--run-name", "--name"):  # --name: the old spelling stays an alias
+        cfg = config_from_args(p.parse_args(["--lake", lake, "--kind", "id", flag, "r1"]))
+        assert cfg.name == "r1" and cfg.max_failures >= 1

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from common import lake as lk
-from common.config import InputError
+from common.config import ConfigError, InputError, build_config
 from ray_train.data import MaskingCollator, SpecialTokens, pack_sequences, pad_batch
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "online_retail" / "online_retail.parquet"
@@ -282,3 +282,30 @@ def test_init_loads_pretrained_encoder_with_fresh_tied_head():
     ref = load_file(os.path.join(path, "model.safetensors"))
     key = next(k for k in ref if k.endswith("encoder.layer.5.output.dense.weight"))
     assert torch.equal(mlm.bert.encoder.layer[5].output.dense.weight, ref[key])
+
+
+def test_warmup_scales_with_a_short_step_budget(tmp_path):
+    from ray_train.mlm import MLMConfig
+    from ray_train.runtime import scaled_warmup
+
+    cfg = build_config(MLMConfig, None, lake=str(tmp_path), preset="tiny", max_steps=20)  # was rejected: warmup 30
+    assert scaled_warmup(cfg.warmup_steps, cfg.max_steps) == 2 and scaled_warmup(None, 300) == 30
+    with pytest.raises(ConfigError, match="--set warmup_steps"):
+        build_config(MLMConfig, None, lake=str(tmp_path), max_steps=20, warmup_steps=30)
+
+
+def test_resume_picks_the_newest_complete_checkpoint(tmp_path):
+    """A checkpoint dir whose state file is shorter than its marker says (upload cut off) is skipped;
+    the newest whole one wins even when Ray's own list stops earlier."""
+    from ray_train.runtime import COMPLETE_MARKER, latest_complete_checkpoint
+
+    run = tmp_path / "run"
+    for step, body, marker_size in [(80, b"x" * 10, 10), (100, b"y" * 12, 12), (120, b"z" * 5, 9)]:
+        d = run / f"step_{step:07d}"
+        d.mkdir(parents=True)
+        (d / "state.pt").write_bytes(body)
+        (d / COMPLETE_MARKER).write_text(f"state.pt {marker_size}")
+    (run / "step_0000140").mkdir()  # no marker at all
+    step, path = latest_complete_checkpoint(str(run))
+    assert step == 100 and path.endswith("step_0000100")
+    assert latest_complete_checkpoint(str(tmp_path / "missing")) is None

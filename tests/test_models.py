@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -180,3 +181,21 @@ def test_minilm_bare_dir():
 
     tok, model = AutoTokenizer.from_pretrained(minilm_path()), AutoModel.from_pretrained(minilm_path()).eval()
     np.testing.assert_allclose(enc.embed(TEXTS, batch_size=3), unit(reference(model, tok, TEXTS, max_length=256)), atol=1e-5)
+
+
+def test_model_uri_is_downloaded_once_per_content(tmp_path, monkeypatch):
+    """A model given as a URI (here file://) is copied into the per-machine cache, keyed by content:
+    the same export maps to the same dir, a changed export to a new one."""
+    from common.models import local_model_dir
+
+    src = tmp_path / "export"
+    src.mkdir()
+    (src / "config.json").write_text('{"hidden_size": 8}')
+    (src / "weights.bin").write_bytes(b"0123")
+    monkeypatch.setenv("PRODREP_MODEL_CACHE", str(tmp_path / "cache"))
+    first = local_model_dir(src.as_uri())
+    assert Path(first).parent == tmp_path / "cache" and (Path(first) / "weights.bin").read_bytes() == b"0123"
+    assert local_model_dir(src.as_uri()) == first
+    (src / "weights.bin").write_bytes(b"01234")
+    assert local_model_dir(src.as_uri()) != first
+    assert local_model_dir(str(src)) == str(src)  # a plain path is used where it is
