@@ -627,8 +627,10 @@ def _kill_driver() -> None:
     with open(f"/proc/{jvm}/stat") as f:
         parent = int(f.read().rsplit(")", 1)[1].split()[1])
     for pid in (parent, jvm):
-        if pid > 1:
+        if pid > 1 and pid != os.getpid():
             os.kill(pid, 9)
+    # the commit itself runs in a Python worker of the JVM: it must die too, or it goes on to commit
+    os.kill(os.getpid(), 9)
 
 
 def _pid_alive(pid: int) -> bool:
