@@ -308,7 +308,7 @@ def check_ingest_consistent(lake: str) -> str | None:
     mixing runs. Tables no ingest wrote (no run id anywhere: written by other tools) are not judged.
     """
     runs = {t: (commit_info(lake, t).get("ingest_run_id") if exists(lake, t) else "<missing>") for t in INGEST_TABLES}
-    if all(r is None for r in runs.values()) or all(r in (None, "<missing>") for r in runs.values()):
+    if all(r in (None, "<missing>") for r in runs.values()):
         return None
     if len(set(runs.values())) != 1:
         raise InputError(

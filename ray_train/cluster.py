@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+from common.progress import configure_ray_output
+
 DEFAULT_OBJECT_STORE = 2 * 1024**3  # Spark may share the machine: keep Ray's shared memory bounded
 
 
@@ -17,7 +19,7 @@ def ensure_ray(num_cpus: int | None = None, object_store_memory: int | None = No
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
-        _quiet_output()
+        configure_ray_output()
         return
     if num_cpus is None:
         # One logical CPU of headroom: training workers that take every core would leave Ray Data's
@@ -35,11 +37,4 @@ def ensure_ray(num_cpus: int | None = None, object_store_memory: int | None = No
         runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"},
                      "worker_process_setup_hook": "common.progress.install_log_filters"},
     )
-    _quiet_output()
-
-
-def _quiet_output() -> None:
-    """No progress-bar redraws when the output is a log file; Ray's noise warnings filtered."""
-    from common.progress import configure_ray_output
-
     configure_ray_output()
