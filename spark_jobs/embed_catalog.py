@@ -189,24 +189,17 @@ def model_versions_in(lake: str, table: str, version: int) -> set[str]:
     return {v for v in actions.column(col).to_pylist() if v is not None}
 
 
-def split_by_model(spark: "SparkSession", lake: str, table: str, version: int | None, model_version: str) -> tuple["DataFrame | None", "DataFrame | None"]:
-    """(other models' rows, this model's rows) of a table version; None where there are none.
-
-    Both are partition filters (``isin`` / ``==`` on model_version), so only those partitions' files
-    are read.
-    """
+def model_rows(spark: "SparkSession", lake: str, table: str, version: int | None, model_version: str) -> "DataFrame | None":
+    """This model's rows of a table version (a partition filter: only its files are read); None when
+    the table or the model is absent. Other models' partitions are never read: the write replaces
+    only this model's partition (``replace_where``)."""
     from pyspark.sql import functions as F
 
     from common import lake as L
 
-    if version is None:
-        return None, None
-    present = model_versions_in(lake, table, version)
-    others = sorted(present - {model_version})
-    df = L.read_spark(spark, lake, table, version=version)
-    other_rows = df.filter(F.col("model_version").isin(others)) if others else None
-    mine = df.filter(F.col("model_version") == model_version) if model_version in present else None
-    return other_rows, mine
+    if version is None or model_version not in model_versions_in(lake, table, version):
+        return None
+    return L.read_spark(spark, lake, table, version=version).filter(F.col("model_version") == model_version)
 
 
 def check_catalog(catalog: "DataFrame") -> None:
@@ -258,12 +251,11 @@ def id_model_rows(catalog: "DataFrame", vectors: "DataFrame", model_version: str
     return joined.mapInArrow(lambda it: normalize_batches(it, model_version, catalog_version, dim), ITEM_EMBEDDINGS.spark())
 
 
-def merge_model_rows(others: "DataFrame | None", kept: "DataFrame | None", new: "DataFrame") -> "DataFrame":
-    """Other models' rows + this model's kept rows + its new rows, in the table's column order."""
+def merge_model_rows(kept: "DataFrame | None", new: "DataFrame") -> "DataFrame":
+    """This model's kept rows + its new rows, in the table's column order."""
     out = new.select(*ITEM_EMBEDDINGS.names)
-    for part in (kept, others):
-        if part is not None:
-            out = part.select(*ITEM_EMBEDDINGS.names).unionByName(out)
+    if kept is not None:
+        out = kept.select(*ITEM_EMBEDDINGS.names).unionByName(out)
     return out
 
 
@@ -286,7 +278,7 @@ def run(spark: "SparkSession", cfg: EmbedConfig) -> dict[str, Any]:
 
     emb_v = L.table_version(cfg.lake, "item_embeddings")
     previous = L.commit_info(cfg.lake, "item_embeddings", emb_v) if emb_v is not None else {}
-    _, mine = split_by_model(spark, cfg.lake, "item_embeddings", emb_v, version)
+    mine = model_rows(spark, cfg.lake, "item_embeddings", emb_v, version)
 
     min_parts = cfg.partitions or spark.sparkContext.defaultParallelism
     kept = cached = None
@@ -325,7 +317,7 @@ def run(spark: "SparkSession", cfg: EmbedConfig) -> dict[str, Any]:
         incremental=cfg.incremental,
         models=models,
     )
-    out = merge_model_rows(None, kept, new)  # other models' partitions stay as they are (replace_where)
+    out = merge_model_rows(kept, new)
     new_v = L.write_spark(out, cfg.lake, "item_embeddings", mode="overwrite", metadata=metadata, replace_where={"model_version": version})
     if cached is not None:
         cached.unpersist()
