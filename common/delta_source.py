@@ -352,6 +352,9 @@ class DeltaWriter(DataSourceArrowWriter):
                     buffers[key] = []
         for key, buf in buffers.items():
             flush(key, buf)
+        if os.environ.get("PRODREP_FAULT") == "delta:task_attempt" and task == "00000-0":
+            # test hook: the first attempt of task 0 fails after writing its files (a retried task)
+            raise RuntimeError(f"PRODREP_FAULT=delta:task_attempt: injected failure of task {task} of {self.uri}")
         return DeltaCommitMessage(adds=adds, rows=rows)
 
     def _conform(self, table: pa.Table) -> pa.Table:

@@ -155,6 +155,7 @@ def load_vectors(lake: str, model_version: str, version: int | None = None) -> t
     if t.num_rows == 0:
         known = sorted(set(L.read_arrow(lake, "item_embeddings", version, columns=["model_version"]).column(0).to_pylist()))
         raise InputError(f"item_embeddings has no rows for model_version {model_version!r}; known: {known}")
+    t = t.sort_by("item_id")  # index order decides ties (items with equal vectors): same output on every re-run
     ids = t.column("item_id").to_numpy(zero_copy_only=False).astype(object)
     flat = t.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False).astype(np.float32)
     return ids, flat.reshape(t.num_rows, -1)
