@@ -22,9 +22,13 @@ def ensure_ray(num_cpus: int | None = None, object_store_memory: int | None = No
         configure_ray_output()
         return
     if num_cpus is None:
-        # One logical CPU of headroom: training workers that take every core would leave Ray Data's
-        # read/transform tasks a budget of 0 CPUs, and Train + Data then wait on each other forever.
-        num_cpus = (os.cpu_count() or 1) + 1
+        # Two logical CPUs of headroom for Ray Data. Ray Data's CPU budget is what Ray's autoscaling
+        # coordinator leaves after Train's reservation (the workers' CPUs), split by integer division
+        # among the Data executors alive at that moment. Workers on every core leave 0 (Train and Data
+        # wait on each other forever); one spare CPU is split to 0 as soon as a second executor is
+        # alive -- a val set streaming beside the train set, or the previous run's executor whose
+        # request has not been cancelled or expired yet (up to 180 s) when the next trainer starts.
+        num_cpus = (os.cpu_count() or 1) + 2
     # address="local": always a private Ray for local mode, even when `ray start` left a cluster on this
     # machine (a bare ray.init() would silently join it and reject num_cpus/object_store_memory).
     ray.init(

