@@ -45,9 +45,10 @@ def ray_local():
     """A fresh real local Ray for each test that trains, with the same logical-CPU headroom and bounded
     object store as ``prodrep`` uses locally.
 
-    Fresh per test: one long-lived local Ray shared by successive ``TorchTrainer`` runs on 2 cores was
-    seen to hang with the next run's controller waiting for a worker group that was never scheduled
-    (no placement group created, CPUs idle). A restart costs a few seconds; a hang costs the CI run.
+    Fresh per test for isolation: no actor, checkpoint or autoscaling-coordinator request of an earlier
+    test's run can change what this test measures. It is not there to avoid the round-1 hang (root
+    cause and fix: ``ray_train.cluster.ensure_ray``); consecutive trainers on one long-lived Ray are
+    exercised by ``tests/test_cluster_ray.py``. A restart costs a few seconds.
     """
     import ray
 
