@@ -38,7 +38,7 @@ test: $(STAMP)
 dist: $(STAMP)
 	rm -rf dist build && mkdir -p dist
 	$(BIN)/python -m pip wheel -q --no-deps --no-build-isolation -w dist .
-	$(BIN)/python -c "import zipfile, pathlib; z = zipfile.ZipFile('dist/prodrep-py-files.zip', 'w', zipfile.ZIP_DEFLATED); [z.write(p) for d in ('common', 'spark_jobs', 'ray_train') for p in sorted(pathlib.Path(d).rglob('*.py'))]"
+	$(BIN)/python -c "import zipfile, pathlib; z = zipfile.ZipFile('dist/prodrep-py-files.zip', 'w', zipfile.ZIP_DEFLATED); [z.write(p) for d in ('prodrep', 'common', 'spark_jobs', 'ray_train') for p in sorted(pathlib.Path(d).rglob('*.py'))]"
 
 bench: $(STAMP)
 	$(BIN)/python bench/run_all.py

@@ -53,7 +53,7 @@ for _k, _v in (("HF_HUB_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false"), ("R
 
 def build_lake(lake: str) -> None:
     """The three tables train-items reads, built by the project's own pipeline (Spark)."""
-    cmd = [sys.executable, "-m", "common.cli", "pipeline", "--dataset", "online-retail", "--lake", lake, "--only", "ingest,sessions,cooccur"]
+    cmd = [sys.executable, "-m", "prodrep.cli", "pipeline", "--dataset", "online-retail", "--lake", lake, "--only", "ingest,sessions,cooccur"]
     subprocess.run(cmd, check=True, cwd=ROOT)
 
 

@@ -35,7 +35,9 @@ import numpy as np
 import pyarrow as pa
 
 from common.config import InputError
+from common.lexical import Lexical, text_vectors
 from common.text import DEFAULT_TEMPLATE
+from common.vectors import l2_normalize
 
 log = logging.getLogger(__name__)
 
@@ -285,12 +287,6 @@ def read_vectors(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
     return ids, mat
 
 
-def l2_normalize(x: np.ndarray) -> np.ndarray:
-    """Row-wise L2 normalisation; all-zero rows stay zero."""
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return (x / np.maximum(norms, 1e-12)).astype(np.float32, copy=False)
-
-
 # ------------------------------------------------------------------------------------------ encoder
 class TextEncoder:
     """Applies an exported model: texts -> L2-normalised float32 vectors (and item ids for id/fusion).
@@ -333,8 +329,6 @@ class TextEncoder:
             self.model = AutoModel.from_pretrained(str(p)).to(device).eval()
         finally:
             hf_logging.set_verbosity(verbosity)
-        from common.lexical import Lexical
-
         self.lexical = Lexical.load(p) if self.kind == "fusion" else None
         lex_meta = meta.get("lexical") or {}
         if (self.lexical is None) != (not lex_meta):
@@ -405,8 +399,6 @@ class TextEncoder:
     def embed(self, texts: Sequence[str], batch_size: int = 256, progress: bool = False) -> np.ndarray:
         """Embed texts -> (n, dim) float32, L2-normalised, in input order. With a lexical block:
         :func:`common.lexical.text_vectors`, unit-norm except for a text with no known term (norm w)."""
-        from common.lexical import text_vectors
-
         return text_vectors(self._pooled(texts, batch_size, progress), self.lexical, texts, self.dense_weight)
 
     # -- items --------------------------------------------------------------------------------

@@ -738,7 +738,7 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m ray_train.items --lake L --kind fusion`` (also under ``ray job submit``)."""
-    from common.cli import run_guarded
+    from common.command import run_guarded
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     parser = argparse.ArgumentParser(prog="python -m ray_train.items", description=__doc__.splitlines()[0])

@@ -642,7 +642,7 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m ray_train.mlm ...`` (also under ``ray job submit --``)."""
-    from common.cli import job_main
+    from common.command import job_main
 
     return job_main("ray_train.mlm", "python -m ray_train.mlm", argv)
 

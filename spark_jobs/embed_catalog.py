@@ -155,7 +155,7 @@ def embed_batches(
 
 def normalize_batches(batches: Iterator[pa.RecordBatch], model_version: str, catalog_version: int | None, dim: int) -> Iterator[pa.RecordBatch]:
     """(item_id, embedding) batches of an ID model -> L2-normalised item_embeddings batches."""
-    from common.models import l2_normalize
+    from common.vectors import l2_normalize
 
     for batch in batches:
         n = batch.num_rows
@@ -377,7 +377,7 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """spark-submit entry point."""
-    from common.cli import job_main
+    from common.command import job_main
 
     return job_main("spark_jobs.embed_catalog", "spark_jobs/embed_catalog.py", argv)
 

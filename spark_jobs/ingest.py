@@ -661,7 +661,7 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """spark-submit entry point: ``spark-submit spark_jobs/ingest.py --lake L --dataset online-retail``."""
-    from common.cli import job_main
+    from common.command import job_main
 
     return job_main("spark_jobs.ingest", "spark_jobs/ingest.py", argv)
 

@@ -240,7 +240,7 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """spark-submit entry point."""
-    from common.cli import job_main
+    from common.command import job_main
 
     return job_main("spark_jobs.neighbors", "spark_jobs/neighbors.py", argv)
 

@@ -7,7 +7,7 @@ writes ``report.md``, ``metrics.json`` and PNG plots into the report directory a
 the machine-readable results (structure fixed by issue 7).
 
     prodrep evaluate --lake ./lake [--report DIR] [--json FILE]
-    python -m common.evaluation.cli --lake ./lake --set max_queries=5000
+    python -m prodrep.evaluate --lake ./lake --set max_queries=5000
 """
 
 from __future__ import annotations
@@ -550,8 +550,8 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m common.evaluation.cli`` (same flags as ``prodrep evaluate``)."""
-    from common.cli import run_guarded
+    """``python -m prodrep.evaluate`` (same flags as ``prodrep evaluate``)."""
+    from common.command import run_guarded
 
     parser = argparse.ArgumentParser(prog="prodrep evaluate", description=__doc__.splitlines()[0])
     configure_parser(parser)

@@ -220,7 +220,7 @@ def _neighbors(spark, lake: str, args: argparse.Namespace) -> None:
 
 
 def _evaluate(spark, lake: str, args: argparse.Namespace) -> None:
-    from common.evaluation import cli as evaluation
+    from prodrep import evaluate as evaluation
 
     cfg = build_config(evaluation.EvaluateConfig, None, lake=lake, report_dir=args.report or "")
     evaluation.run(cfg)
