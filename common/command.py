@@ -6,12 +6,38 @@ from the app layer."""
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import os
 import sys
+from dataclasses import dataclass
+from typing import Any, Callable
 
-from common.config import ConfigError, InputError
+from common.config import ConfigError, InputError, JobConfig, add_config_flags, config_from_args
+
+
+@dataclass(frozen=True)
+class Command:
+    """One job's command line. Its flags are generated from ``config``
+    (:func:`common.config.add_config_flags`; ``required`` fields must be given as flags); ``arguments``
+    adds the few that are not config fields (positionals, print-only options); ``run(cfg, args)``
+    runs the job on the validated config and prints what it made."""
+
+    config: type[JobConfig]
+    run: Callable[[Any, argparse.Namespace], int | None]
+    arguments: Callable[[argparse.ArgumentParser], None] | None = None
+    required: tuple[str, ...] = ()
+
+    def configure(self, parser: argparse.ArgumentParser) -> None:
+        add_config_flags(parser, self.config, self.required)
+        if self.arguments is not None:
+            self.arguments(parser)
+
+    def parse(self, args: argparse.Namespace) -> Any:
+        """The validated config from parsed flags (precedence: :func:`common.config.config_from_args`)."""
+        return config_from_args(self.config, args)
+
+    def __call__(self, args: argparse.Namespace) -> int:
+        return int(self.run(self.parse(args), args) or 0)
 
 
 def configure_logging(verbose: bool = False) -> None:
@@ -48,14 +74,13 @@ def exit_process(code: int) -> None:
     os._exit(code)
 
 
-def job_main(module_name: str, prog: str, argv: list[str] | None = None) -> int:
+def job_main(command: Command, prog: str, doc: str | None, argv: list[str] | None = None) -> int:
     """The thin ``main()`` of a job file (``spark-submit spark_jobs/<job>.py ...``,
     ``python -m ray_train.<job> ...``): same flags and error handling as ``prodrep <command>``."""
-    module = importlib.import_module(module_name)
     configure_logging()
-    parser = argparse.ArgumentParser(prog=prog, description=(module.__doc__ or "").strip().splitlines()[0])
-    module.configure_parser(parser)
-    code = run_guarded(module.run_from_args, parser.parse_args(argv))
+    parser = argparse.ArgumentParser(prog=prog, description=(doc or "").strip().splitlines()[0])
+    command.configure(parser)
+    code = run_guarded(command, parser.parse_args(argv))
     if argv is None:  # spark-submit / python -m: end the process with the job's code
         exit_process(code)
     return code

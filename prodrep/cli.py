@@ -1,7 +1,8 @@
 """``prodrep`` command line: each subcommand is a thin call into one job module.
 
-A job module exposes ``configure_parser(parser)`` (adds its flags) and ``run_from_args(args) -> int``.
-Modules are imported lazily so ``prodrep --help`` is fast and a Ray-only machine needs no Spark.
+A job module exposes a :class:`common.command.Command` (flags generated from its config class, and
+the function that runs it). Modules are imported lazily so ``prodrep --help`` is fast and a Ray-only
+machine needs no Spark.
 """
 
 from __future__ import annotations
@@ -10,9 +11,9 @@ import argparse
 import importlib
 import sys
 
-from common.command import configure_logging, exit_process, run_guarded
+from common.command import Command, configure_logging, exit_process, run_guarded
 
-# subcommand -> (module, one-line help)
+# subcommand -> (module, one-line help); the module's Command is COMMAND unless COMMAND_ATTRS names it
 COMMANDS: dict[str, tuple[str, str]] = {
     "ingest": ("spark_jobs.ingest", "validate raw events + catalog into Delta (bad rows -> quarantine)"),
     "sessions": ("spark_jobs.sessions", "events -> sessions with train/val/test splits"),
@@ -27,6 +28,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("prodrep.evaluate", "basket completion, cold start, probe, perplexity vs baselines"),
     "pipeline": ("prodrep.pipeline", "run every stage in order (make demo)"),
 }
+COMMAND_ATTRS = {"similar": "SIMILAR", "search": "SEARCH"}
+
+
+def get_command(name: str) -> Command:
+    """The :class:`Command` behind ``prodrep <name>`` (imports its module)."""
+    module_name = COMMANDS[name][0]
+    return getattr(importlib.import_module(module_name), COMMAND_ATTRS.get(name, "COMMAND"))
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -35,16 +43,13 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prodrep", description="Product representations on Spark + Ray + Delta.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, (module_name, help_text) in COMMANDS.items():
+    for name, (_, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         if name != command:
             continue
-        module = importlib.import_module(module_name)
-        key = name.replace("-", "_")
-        configure = getattr(module, f"configure_{key}_parser", None) or module.configure_parser
-        configure(p)
-        runner = getattr(module, f"run_{key}_from_args", None) or module.run_from_args
-        p.set_defaults(_runner=runner)
+        cmd = get_command(name)
+        cmd.configure(p)
+        p.set_defaults(_runner=cmd)
     return parser
 
 
