@@ -1,9 +1,10 @@
 """Behaviour-aware item embeddings on Ray Train: ``id`` (skip-gram / SGNS) and ``fusion`` (text bi-encoder).
 
 * ``id``: item-ID vectors from train-session co-occurrence with skip-gram negative sampling
-  (negatives ∝ freq^α, frequent-item subsampling), data-parallel with DDP, trained word2vec's way
-  (plain SGD on the summed per-pair loss, linearly decaying rate). The vocabulary is built with Ray
-  Data from the sessions table; the driver keeps only the id -> index map.
+  (negatives ∝ freq^α, frequent-item subsampling), data-parallel with DDP, trained with Adam on the
+  mean per-pair loss by default (``id_optimizer=sgd``: word2vec's way, plain SGD on the summed loss);
+  the rate decays linearly either way. The vocabulary is built with Ray Data from the sessions table;
+  the driver keeps only the id -> index map.
 * ``fusion``: one vector space for text and behaviour, trained in two stages on co-occurring pairs
   (sampled ∝ co-occurrence weight, per-item cap so hot items do not dominate):
 
@@ -191,6 +192,7 @@ def _torch_modules():
     import torch.nn.functional as F
     from torch import nn
 
+    from common.models import pool
     from ray_train.losses import NegativeSampler, info_nce, sgns_loss
 
     class SkipGram(nn.Module):
@@ -226,11 +228,8 @@ def _torch_modules():
 
         def pooled(self, input_ids, attention_mask):
             """Un-normalised pooled vectors: what common.models.TextEncoder adds the ID vector to."""
-            hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-            if self.pooling == "cls":
-                return hidden[:, 0]
-            m = attention_mask.unsqueeze(-1).to(hidden.dtype)
-            return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
+            hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (batch, seq, dim)
+            return pool(hidden, attention_mask, self.pooling)  # (batch, dim)
 
         def forward(self, input_ids, attention_mask):
             return F.normalize(self.pooled(input_ids, attention_mask), dim=-1)
@@ -538,12 +537,12 @@ def _train_id_stage(config, tower, token_ids, pad_id, shard, device, rank, world
 
 def _export(raw: Any, tok: Any, items: Any, config: dict[str, Any], final: dict[str, Any], id_table: Any = None,
             lexical: Any = None) -> str:  # fmt: skip
-    """Rank 0 writes the export with :func:`common.models.save_export`."""
+    """Rank 0 writes the export with :func:`common.models.save_export`, locally or to an object store
+    (:func:`ray_train.runtime.write_export`, as train-mlm does)."""
     from common.models import new_model_version, save_export
+    from ray_train.runtime import write_export
 
     target = config["export_dir"]
-    if Path(target).exists():
-        shutil.rmtree(target)  # a re-run replaces the export wholesale, never a mix of two
     ids = list(items["item_id"])
     meta = {
         "kind": config["kind"],
@@ -557,7 +556,7 @@ def _export(raw: Any, tok: Any, items: Any, config: dict[str, Any], final: dict[
         mat = raw.inp.weight.detach().cpu().numpy().astype(np.float32)
         mat /= np.maximum(np.linalg.norm(mat, axis=1, keepdims=True), 1e-12)
         meta["dim"] = mat.shape[1]
-        return save_export(target, meta, item_vectors=(ids, mat))
+        return write_export(target, lambda local: save_export(local, meta, item_vectors=(ids, mat)))
     meta.update(
         dim=int(raw.encoder.config.hidden_size) + (lexical.size if lexical is not None else 0),
         lexical={"dense_weight": float(config["dense_weight"])} if lexical is not None else None,
@@ -570,7 +569,8 @@ def _export(raw: Any, tok: Any, items: Any, config: dict[str, Any], final: dict[
     if id_table is not None:
         trained = np.abs(id_table).sum(1) > 0  # items never sampled keep the zero init: text alone
         id_emb = ([i for i, t in zip(ids, trained) if t], id_table[trained])
-    return save_export(target, meta, model=raw.encoder, tokenizer=tok, id_embeddings=id_emb, lexical=lexical)
+    return write_export(target, lambda local: save_export(local, meta, model=raw.encoder, tokenizer=tok, id_embeddings=id_emb,
+                                                          lexical=lexical))  # fmt: skip
 
 
 # ============================================================================================ driver
@@ -650,10 +650,10 @@ def train_items(cfg: ItemsConfig) -> dict[str, Any]:
         keep_checkpoints=cfg.keep_checkpoints, max_failures=cfg.max_failures,
     )
     trainer.fit()
-    from common.models import read_meta
+    from ray_train.runtime import read_export_meta
 
     export_dir = loop_config["export_dir"]
-    meta = read_meta(export_dir)  # V2 results carry metrics only with checkpoints: the export has them
+    meta = read_export_meta(export_dir)  # V2 results carry metrics only with checkpoints: the export has them
     metrics = dict(meta.get("metrics") or {})
     metrics.update(model_dir=export_dir, model_version=meta.get("model_version"))
     metrics.update(run_name=cfg.name, kind=cfg.kind, items=len(vocab))

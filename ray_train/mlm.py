@@ -20,7 +20,6 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,15 +121,12 @@ def build_model(preset: str, vocab_size: int, max_length: int, pad_id: int, init
     """A ``BertForMaskedLM`` with SDPA attention: from a preset sized to the tokenizer, or from the
     pretrained encoder in ``init`` with a freshly initialised MLM head tied to its word embeddings."""
     from transformers import BertConfig, BertForMaskedLM
-    from transformers.utils import logging as hf_logging
+
+    from common.models import quiet_transformers
 
     if init:
-        verbosity = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()  # the "newly initialized cls.* weights" notice is expected here
-        try:
+        with quiet_transformers():  # the "newly initialized cls.* weights" notice is expected here
             model = BertForMaskedLM.from_pretrained(init, attn_implementation="sdpa")
-        finally:
-            hf_logging.set_verbosity(verbosity)
         if model.config.vocab_size < vocab_size:
             raise InputError(f"--init {init}: model vocab {model.config.vocab_size} < tokenizer vocab {vocab_size}")
         model.tie_weights()
@@ -479,16 +475,8 @@ def _report(metrics: dict[str, Any], rank: int, state: dict[str, Any] | None) ->
 def _export(mlm: Any, tok: Any, config: dict[str, Any], final: dict[str, Any], history: list[dict[str, Any]]) -> str:
     """Rank 0 writes the HF dir + prodrep.json + metrics.jsonl (common.models.save_export)."""
     from common.models import new_model_version, save_export
+    from ray_train.runtime import write_export
 
-    target = config["export_dir"]
-    remote = "://" in target and not target.startswith("file://")
-    local = tempfile.mkdtemp(prefix="mlm-export-") if remote else target.removeprefix("file://")
-    if Path(local).exists() and not remote:
-        shutil.rmtree(local)  # a re-run replaces the export wholesale, never a mix of two
-    Path(local).mkdir(parents=True, exist_ok=True)
-    with open(Path(local) / METRICS_FILE, "w") as f:
-        for rec in history:
-            f.write(json.dumps(rec) + "\n")
     meta = {
         "kind": "mlm",
         "model_version": new_model_version(config["run_name"]),
@@ -502,13 +490,14 @@ def _export(mlm: Any, tok: Any, config: dict[str, Any], final: dict[str, Any], h
     }
     if config.get("text_template"):
         meta["text_template"] = config["text_template"]  # embed must render items exactly as tokenize did
-    save_export(local, meta, model=mlm, tokenizer=tok)
-    if remote:
-        import pyarrow.fs as pafs
 
-        pafs.copy_files(local, target)
-        shutil.rmtree(local, ignore_errors=True)
-    return target
+    def write(local: str) -> None:
+        with open(Path(local) / METRICS_FILE, "w") as f:
+            for rec in history:
+                f.write(json.dumps(rec) + "\n")
+        save_export(local, meta, model=mlm, tokenizer=tok)
+
+    return write_export(config["export_dir"], write)
 
 
 # ------------------------------------------------------------------------------------------- driver
@@ -577,8 +566,8 @@ def masked_perplexity(model_dir: str, input_ids: list[list[int]], mask_rate: flo
     """
     import torch
     from transformers import BertForMaskedLM
-    from transformers.utils import logging as hf_logging
 
+    from common.models import quiet_transformers
     from ray_train.data import MaskingCollator, SpecialTokens, fixed_masked_batches, load_tokenizer
 
     seqs = [np.asarray(s, dtype=np.int64) for s in input_ids if len(s) >= 3]
@@ -586,12 +575,8 @@ def masked_perplexity(model_dir: str, input_ids: list[list[int]], mask_rate: flo
         raise InputError("masked_perplexity: no sequence with >= 3 tokens ([CLS] token [SEP]) to score")
     tok = load_tokenizer(model_dir)
     collator = MaskingCollator(SpecialTokens.from_tokenizer(tok), rate=mask_rate)
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
+    with quiet_transformers():
         mlm = BertForMaskedLM.from_pretrained(model_dir, attn_implementation="sdpa")
-    finally:
-        hf_logging.set_verbosity(verbosity)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     mlm.to(device)
     nll, count = evaluate_nll(mlm, fixed_masked_batches(seqs, collator, batch_size, seed), device)
