@@ -53,7 +53,7 @@ for _k, _v in (("HF_HUB_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false"), ("R
 
 def build_lake(lake: str) -> None:
     """The three tables train-items reads, built by the project's own pipeline (Spark)."""
-    cmd = [sys.executable, "-m", "common.cli", "pipeline", "--dataset", "online-retail", "--lake", lake, "--only", "ingest,sessions,cooccur"]
+    cmd = [sys.executable, "-m", "prodrep.cli", "pipeline", "--dataset", "online-retail", "--lake", lake, "--only", "ingest,sessions,cooccur"]
     subprocess.run(cmd, check=True, cwd=ROOT)
 
 
@@ -79,7 +79,7 @@ def plain_loop(a: np.ndarray, b: np.ndarray, w: np.ndarray, texts: list[str], ba
     import torch.nn.functional as F
     from transformers import AutoModel, AutoTokenizer
 
-    from common.models import minilm_path
+    from common.models import minilm_path, pool
     from ray_train.losses.infonce import info_nce
 
     torch.manual_seed(seed)
@@ -91,8 +91,7 @@ def plain_loop(a: np.ndarray, b: np.ndarray, w: np.ndarray, texts: list[str], ba
     def embed(idx: np.ndarray) -> torch.Tensor:
         enc = tok([texts[i] for i in idx], padding=True, truncation=True, max_length=32, return_tensors="pt").to(device)
         hidden = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
-        m = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        return F.normalize((hidden * m).sum(1) / m.sum(1).clamp(min=1.0), dim=-1)
+        return F.normalize(pool(hidden, enc["attention_mask"], "mean"), dim=-1)
 
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     t0 = time.perf_counter()

@@ -22,7 +22,7 @@ from typing import Sequence
 
 import numpy as np
 
-from common.models import l2_normalize
+from common.vectors import l2_normalize
 
 LEXICAL_FILE = "lexical.json"
 

@@ -18,6 +18,7 @@ loads the model once and reuses it for every batch and task it runs.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -29,13 +30,15 @@ import threading
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
 
 from common.config import InputError
+from common.lexical import Lexical, text_vectors
 from common.text import DEFAULT_TEMPLATE
+from common.vectors import l2_normalize
 
 log = logging.getLogger(__name__)
 
@@ -285,13 +288,32 @@ def read_vectors(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
     return ids, mat
 
 
-def l2_normalize(x: np.ndarray) -> np.ndarray:
-    """Row-wise L2 normalisation; all-zero rows stay zero."""
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return (x / np.maximum(norms, 1e-12)).astype(np.float32, copy=False)
-
-
 # ------------------------------------------------------------------------------------------ encoder
+@contextlib.contextmanager
+def quiet_transformers(quiet: bool = True) -> Iterator[None]:
+    """Hold transformers' logging at ERROR inside the block (when ``quiet``), then restore its level:
+    for loads whose notices are expected (an MLM head dropped, or freshly initialised)."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    if quiet:
+        hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
+def pool(hidden: Any, attention_mask: Any, pooling: str = "mean") -> Any:
+    """Token vectors (batch, seq, dim) -> un-normalised item vectors (batch, dim): the first ([CLS])
+    token's, or the mean over real tokens (attention_mask 1). Training (:mod:`ray_train.items`) and
+    serving (:class:`TextEncoder`) both pool with it, so an export embeds exactly as it trained."""
+    if pooling == "cls":
+        return hidden[:, 0]
+    m = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (batch, seq, 1)
+    return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
+
+
 class TextEncoder:
     """Applies an exported model: texts -> L2-normalised float32 vectors (and item ids for id/fusion).
 
@@ -321,20 +343,11 @@ class TextEncoder:
         import torch
         from transformers import AutoModel, AutoTokenizer
 
-        from transformers.utils import logging as hf_logging
-
         self.tokenizer = AutoTokenizer.from_pretrained(str(p))
         # An MLM export loaded as a bare encoder drops its MLM head: expected, so keep the per-key load
         # report (printed once per Spark/Ray worker) out of the job output unless debugging.
-        verbosity = hf_logging.get_verbosity()
-        if not log.isEnabledFor(logging.DEBUG):
-            hf_logging.set_verbosity_error()
-        try:
+        with quiet_transformers(not log.isEnabledFor(logging.DEBUG)):
             self.model = AutoModel.from_pretrained(str(p)).to(device).eval()
-        finally:
-            hf_logging.set_verbosity(verbosity)
-        from common.lexical import Lexical
-
         self.lexical = Lexical.load(p) if self.kind == "fusion" else None
         lex_meta = meta.get("lexical") or {}
         if (self.lexical is None) != (not lex_meta):
@@ -393,20 +406,13 @@ class TextEncoder:
             attn = torch.from_numpy(mask).to(self.device)
             with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_cuda):
                 hidden = self.model(input_ids=input_ids, attention_mask=attn).last_hidden_state
-                hidden = hidden.float()
-                if self.pooling == "cls":
-                    pooled = hidden[:, 0]
-                else:
-                    m = attn.unsqueeze(-1).to(hidden.dtype)
-                    pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
+                pooled = pool(hidden.float(), attn, self.pooling)  # (batch, dim)
             out[idx] = pooled.cpu().numpy()
         return out
 
     def embed(self, texts: Sequence[str], batch_size: int = 256, progress: bool = False) -> np.ndarray:
         """Embed texts -> (n, dim) float32, L2-normalised, in input order. With a lexical block:
         :func:`common.lexical.text_vectors`, unit-norm except for a text with no known term (norm w)."""
-        from common.lexical import text_vectors
-
         return text_vectors(self._pooled(texts, batch_size, progress), self.lexical, texts, self.dense_weight)
 
     # -- items --------------------------------------------------------------------------------

@@ -1,9 +1,10 @@
 """Behaviour-aware item embeddings on Ray Train: ``id`` (skip-gram / SGNS) and ``fusion`` (text bi-encoder).
 
 * ``id``: item-ID vectors from train-session co-occurrence with skip-gram negative sampling
-  (negatives ∝ freq^α, frequent-item subsampling), data-parallel with DDP, trained word2vec's way
-  (plain SGD on the summed per-pair loss, linearly decaying rate). The vocabulary is built with Ray
-  Data from the sessions table; the driver keeps only the id -> index map.
+  (negatives ∝ freq^α, frequent-item subsampling), data-parallel with DDP, trained with Adam on the
+  mean per-pair loss by default (``id_optimizer=sgd``: word2vec's way, plain SGD on the summed loss);
+  the rate decays linearly either way. The vocabulary is built with Ray Data from the sessions table;
+  the driver keeps only the id -> index map.
 * ``fusion``: one vector space for text and behaviour, trained in two stages on co-occurring pairs
   (sampled ∝ co-occurrence weight, per-item cap so hot items do not dominate):
 
@@ -65,7 +66,8 @@ from typing import Any, Literal, Sequence
 
 import numpy as np
 
-from common.config import ConfigError, InputError, JobConfig, build_config, parse_overrides
+from common.command import Command, job_main
+from common.config import ConfigError, InputError, JobConfig, option
 from common.text import DEFAULT_TEMPLATE
 from ray_train.data import pad_batch
 
@@ -80,47 +82,51 @@ INPUT_TABLES = ("sessions", "cooccurrence", "catalog")
 class ItemsConfig(JobConfig):
     """``prodrep train-items`` options. Defaults finish in a few minutes on 2 CPU cores (Online Retail)."""
 
-    kind: Literal["id", "fusion"] = "fusion"
-    run_name: str | None = None  # default: items-<kind>
-    workers: int = 2
-    gpu: bool = False
-    cpus_per_worker: int = 1
-    seed: int = 0
-    epochs: int = 1
-    pairs: int | None = None  # positive pairs per epoch (default: id 2,000,000; fusion 20,000)
-    batch_size: int | None = None  # pairs per step on each worker (default: id 2048; fusion 64)
-    lr: float | None = None  # default: id 0.01 (Adam) / 0.025 (SGD, summed loss); both decay linearly; fusion 5e-5 (AdamW)
-    pair_signal: Literal["weight", "count", "cosine", "ppmi"] | None = None  # default: id count; fusion weight
-    pair_power: float = 1.0
-    max_pairs_per_item: int | None = None  # cap on expected pairs anchored on one item (0 = off)
-    subsample: float | None = None  # word2vec `sample` threshold (0 = off); default: id 1e-3, fusion 0
+    kind: Literal["id", "fusion"] = option("fusion", "id = skip-gram ID vectors; fusion = text bi-encoder (+ID)")
+    run_name: str | None = option(None, "run name (models/<name>; same name = resume from its last checkpoint); unset = items-<kind>",
+                                  aliases=("--name",))  # fmt: skip
+    workers: int = option(2, "Ray Train workers (data parallel)")
+    gpu: bool = option(False, "one GPU per worker")
+    cpus_per_worker: int = option(1, "CPUs per Ray Train worker (torch threads)")
+    seed: int = option(0, "seed of initialisation, pair sampling and data order")
+    epochs: int = option(1, "passes over the sampled pairs")
+    pairs: int | None = option(None, "positive pairs sampled per epoch; unset: id 2,000,000, fusion 20,000")
+    batch_size: int | None = option(None, "pairs per step on each worker; unset: id 2048, fusion 64")
+    lr: float | None = option(None, "learning rate, decaying linearly; unset: id 0.01 (Adam) / 0.025 (SGD, summed loss), "
+                              "fusion 5e-5 (AdamW)")  # fmt: skip
+    pair_signal: Literal["weight", "count", "cosine", "ppmi"] | None = option(
+        None, "cooccurrence column pairs are sampled by; unset: id count, fusion weight")
+    pair_power: float = option(1.0, "pairs sampled with probability ∝ signal^power")
+    max_pairs_per_item: int | None = option(None, "cap on expected pairs anchored on one item (0 = off); unset: id 0, fusion 40")
+    subsample: float | None = option(None, "word2vec `sample` threshold for frequent items (0 = off); unset: id 1e-3, fusion 0")
     # id
-    dim: int = 64
-    negatives: int = 10
-    neg_alpha: float = 0.75  # negatives ∝ freq^alpha (word2vec 0.75; try lower / negative on val)
-    # id: "adam" on the mean loss, or "sgd" on the summed loss (word2vec's recipe; see train_loop_per_worker)
-    id_optimizer: Literal["adam", "sgd"] = "adam"
+    dim: int = option(64, "id: vector size")
+    negatives: int = option(10, "id: negative samples per positive pair")
+    neg_alpha: float = option(0.75, "id: negatives ∝ freq^alpha (word2vec 0.75; try lower / negative on val)")
+    id_optimizer: Literal["adam", "sgd"] = option("adam", "id: adam on the mean loss, or sgd on the summed loss (word2vec's recipe)")
     # fusion
-    init: str | None = None  # MLM run dir or pretrained HF dir; default: bundled all-MiniLM-L6-v2
-    pooling: Literal["mean", "cls"] = "mean"
-    max_length: int = 32
-    temperature: float = 0.05
-    learn_temperature: bool = False
-    text_steps: int | None = None  # fusion stage 1 (encoder fine-tune) steps; default 40; 0 = epochs x one pass over `pairs`
-    lexical_features: int = 4096  # TF-IDF block beside the dense encoder (common.lexical); 0 = dense only
-    dense_weight: float = 0.3  # text vector = [w * dense, sqrt(1 - w^2) * tfidf]; val: 0.2..0.7 within 0.003 R@20
-    id_embeddings: bool = True
-    id_init: Literal["propagate", "zero"] = "propagate"  # stage 2 start: id_beta x co-occurrence-weighted mean of neighbours' text vectors
-    id_beta: float = 12.0  # Online Retail val: 12..24 within 0.003 Recall@20 of each other (module doc)
-    id_epochs: int = 0  # fusion stage 2: InfoNCE passes over the pairs refining the ID vectors (0 = keep the init)
-    id_batch_size: int = 1024  # fusion stage 2: pairs per step on each worker
-    id_lr: float = 0.05
-    id_dropout: float = 0.5  # stage 2: chance a side of a pair drops its ID vector (trains text->ID retrieval for cold queries)
-    warmup: float = 0.1  # share of steps with linear warmup
-    keep_checkpoints: int = 2  # one checkpoint per epoch under <lake>/_ray/<run>; same run name = resume
-    max_failures: int = 1  # worker failures Ray Train recovers from (restart from the last checkpoint); -1 = always
-    restart: bool = False  # drop the run's checkpoints and start over instead of resuming
-    text_template: str = DEFAULT_TEMPLATE
+    init: str | None = option(None, "fusion: MLM run dir or pretrained HF dir; unset = bundled all-MiniLM-L6-v2")
+    pooling: Literal["mean", "cls"] = option("mean", "fusion: pooling of the encoder's token vectors")
+    max_length: int = option(32, "fusion: max tokens per item text")
+    temperature: float = option(0.05, "fusion: InfoNCE temperature")
+    learn_temperature: bool = option(False, "fusion: learn the InfoNCE temperature")
+    text_steps: int | None = option(None, "fusion stage 1 (encoder fine-tune) steps; unset = 40; 0 = epochs x one pass over the pairs")
+    lexical_features: int = option(4096, "fusion: TF-IDF block beside the dense encoder (common.lexical); 0 = dense only")
+    dense_weight: float = option(0.3, "fusion: text vector = [w * dense, sqrt(1 - w^2) * tfidf]; val: 0.2..0.7 within 0.003 R@20")
+    id_embeddings: bool = option(True, "fusion: add ID vectors for items with history (stage 2)")
+    id_init: Literal["propagate", "zero"] = option(
+        "propagate", "fusion stage 2 start: id_beta x co-occurrence-weighted mean of neighbours' text vectors, or zero")
+    id_beta: float = option(12.0, "fusion: scale of the propagated ID vectors (Online Retail val: 12..24 within 0.003 Recall@20)")
+    id_epochs: int = option(0, "fusion stage 2: InfoNCE passes over the pairs refining the ID vectors (0 = keep the init)")
+    id_batch_size: int = option(1024, "fusion stage 2: pairs per step on each worker")
+    id_lr: float = option(0.05, "fusion stage 2: learning rate (Adam)")
+    id_dropout: float = option(0.5, "fusion stage 2: chance a side of a pair drops its ID vector (trains text->ID retrieval for "
+                                    "cold queries)")  # fmt: skip
+    warmup: float = option(0.1, "share of steps with linear warmup")
+    keep_checkpoints: int = option(2, "checkpoints kept (one per epoch) under <lake>/_ray/<run>; same run name = resume")
+    max_failures: int = option(1, "worker failures Ray Train recovers from (restart from the last checkpoint); -1 = always")
+    restart: bool = option(False, "discard the run's checkpoints and start over instead of resuming")
+    text_template: str = option(DEFAULT_TEMPLATE, "item text template (common.text.render fields)")
 
     def validate(self) -> None:
         super().validate()
@@ -186,6 +192,7 @@ def _torch_modules():
     import torch.nn.functional as F
     from torch import nn
 
+    from common.models import pool
     from ray_train.losses import NegativeSampler, info_nce, sgns_loss
 
     class SkipGram(nn.Module):
@@ -221,11 +228,8 @@ def _torch_modules():
 
         def pooled(self, input_ids, attention_mask):
             """Un-normalised pooled vectors: what common.models.TextEncoder adds the ID vector to."""
-            hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-            if self.pooling == "cls":
-                return hidden[:, 0]
-            m = attention_mask.unsqueeze(-1).to(hidden.dtype)
-            return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
+            hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (batch, seq, dim)
+            return pool(hidden, attention_mask, self.pooling)  # (batch, dim)
 
         def forward(self, input_ids, attention_mask):
             return F.normalize(self.pooled(input_ids, attention_mask), dim=-1)
@@ -533,12 +537,12 @@ def _train_id_stage(config, tower, token_ids, pad_id, shard, device, rank, world
 
 def _export(raw: Any, tok: Any, items: Any, config: dict[str, Any], final: dict[str, Any], id_table: Any = None,
             lexical: Any = None) -> str:  # fmt: skip
-    """Rank 0 writes the export with :func:`common.models.save_export`."""
+    """Rank 0 writes the export with :func:`common.models.save_export`, locally or to an object store
+    (:func:`ray_train.runtime.write_export`, as train-mlm does)."""
     from common.models import new_model_version, save_export
+    from ray_train.runtime import write_export
 
     target = config["export_dir"]
-    if Path(target).exists():
-        shutil.rmtree(target)  # a re-run replaces the export wholesale, never a mix of two
     ids = list(items["item_id"])
     meta = {
         "kind": config["kind"],
@@ -552,7 +556,7 @@ def _export(raw: Any, tok: Any, items: Any, config: dict[str, Any], final: dict[
         mat = raw.inp.weight.detach().cpu().numpy().astype(np.float32)
         mat /= np.maximum(np.linalg.norm(mat, axis=1, keepdims=True), 1e-12)
         meta["dim"] = mat.shape[1]
-        return save_export(target, meta, item_vectors=(ids, mat))
+        return write_export(target, lambda local: save_export(local, meta, item_vectors=(ids, mat)))
     meta.update(
         dim=int(raw.encoder.config.hidden_size) + (lexical.size if lexical is not None else 0),
         lexical={"dense_weight": float(config["dense_weight"])} if lexical is not None else None,
@@ -565,7 +569,8 @@ def _export(raw: Any, tok: Any, items: Any, config: dict[str, Any], final: dict[
     if id_table is not None:
         trained = np.abs(id_table).sum(1) > 0  # items never sampled keep the zero init: text alone
         id_emb = ([i for i, t in zip(ids, trained) if t], id_table[trained])
-    return save_export(target, meta, model=raw.encoder, tokenizer=tok, id_embeddings=id_emb, lexical=lexical)
+    return write_export(target, lambda local: save_export(local, meta, model=raw.encoder, tokenizer=tok, id_embeddings=id_emb,
+                                                          lexical=lexical))  # fmt: skip
 
 
 # ============================================================================================ driver
@@ -645,10 +650,10 @@ def train_items(cfg: ItemsConfig) -> dict[str, Any]:
         keep_checkpoints=cfg.keep_checkpoints, max_failures=cfg.max_failures,
     )
     trainer.fit()
-    from common.models import read_meta
+    from ray_train.runtime import read_export_meta
 
     export_dir = loop_config["export_dir"]
-    meta = read_meta(export_dir)  # V2 results carry metrics only with checkpoints: the export has them
+    meta = read_export_meta(export_dir)  # V2 results carry metrics only with checkpoints: the export has them
     metrics = dict(meta.get("metrics") or {})
     metrics.update(model_dir=export_dir, model_version=meta.get("model_version"))
     metrics.update(run_name=cfg.name, kind=cfg.kind, items=len(vocab))
@@ -698,53 +703,25 @@ def neighbours_by_title(model_dir: str, lake: str, titles: Sequence[str], k: int
 
 
 # =============================================================================================== CLI
-def configure_parser(p: argparse.ArgumentParser) -> None:
-    """``prodrep train-items`` flags."""
-    p.add_argument("--lake", required=True, help="lake root (local path or s3://, gs://, az:// URI)")
-    p.add_argument("--kind", choices=["id", "fusion"], default=None, help="id = skip-gram ID vectors; fusion = text bi-encoder (+ID)")
-    p.add_argument("--init", default=None, help="fusion: MLM run dir or HF model dir (default: bundled MiniLM)")
-    p.add_argument("--workers", type=int, default=None, help="Ray Train workers (data parallel)")
-    p.add_argument("--gpu", action="store_true", default=None, help="one GPU per worker")
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--pairs", type=int, default=None, help="positive pairs sampled per epoch")
-    p.add_argument("--batch-size", type=int, default=None, help="pairs per step per worker")
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--dim", type=int, default=None, help="id: vector size")
-    p.add_argument("--neg-alpha", type=float, default=None, help="id: negatives ∝ freq^alpha")
-    p.add_argument("--temperature", type=float, default=None, help="fusion: InfoNCE temperature")
-    p.add_argument("--run-name", "--name", dest="run_name", default=None,
-                   help="run name (models/<name>, default items-<kind>; same name = resume from its last checkpoint)")
-    p.add_argument("--restart", action="store_true", default=None, help="discard the run's checkpoints, start over")
-    p.add_argument("--config", default=None, help="YAML file with any ItemsConfig field")
-    p.add_argument("--set", action="append", default=None, metavar="KEY=VALUE", help="override any ItemsConfig field")
-
-
-def config_from_args(args: argparse.Namespace) -> ItemsConfig:
-    flags = {k: getattr(args, k, None) for k in ("lake", "kind", "init", "workers", "gpu", "epochs", "pairs", "batch_size",
-                                                 "lr", "dim", "neg_alpha", "temperature", "run_name", "restart")}  # fmt: skip
-    return build_config(ItemsConfig, args.config, **{**parse_overrides(args.set), **flags})
-
-
 def format_result(res: dict[str, Any]) -> str:
     keys = ("kind", "model_dir", "epoch", "step", "loss", "first_epoch_loss", "pairs_seen", "pairs_per_s", "elapsed_s")
     return "\n".join(f"{k:>18}: {res[k]:.4g}" if isinstance(res.get(k), float) else f"{k:>18}: {res.get(k)}" for k in keys)
 
 
-def run_from_args(args: argparse.Namespace) -> int:
-    res = run(config_from_args(args))
-    print(format_result(res))
+def _run_command(cfg: ItemsConfig, args: argparse.Namespace) -> int:
+    print(format_result(run(cfg)))
     return 0
+
+
+COMMAND = Command(ItemsConfig, _run_command, required=("lake",))
 
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m ray_train.items --lake L --kind fusion`` (also under ``ray job submit``)."""
-    from common.cli import run_guarded
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    parser = argparse.ArgumentParser(prog="python -m ray_train.items", description=__doc__.splitlines()[0])
-    configure_parser(parser)
-    return run_guarded(run_from_args, parser.parse_args(argv))
+    return job_main(COMMAND, "python -m ray_train.items", __doc__, argv)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from ray_train.items import main as _main  # run the importable module (pickled by reference), not __main__
+
+    sys.exit(_main())

@@ -20,7 +20,6 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,8 @@ from typing import Any, Iterator, Literal, Sequence
 
 import numpy as np
 
-from common.config import ConfigError, InputError, JobConfig, build_config, parse_overrides
+from common.command import Command, job_main
+from common.config import ConfigError, InputError, JobConfig, option
 
 log = logging.getLogger(__name__)
 
@@ -48,39 +48,41 @@ class MLMConfig(JobConfig):
     """train-mlm settings. ``batch_size`` is per worker and per micro-batch: the global batch is
     ``batch_size * grad_accum * workers`` sequences."""
 
-    preset: Literal["tiny", "small", "base"] = "small"
-    init: str | None = None  # pretrained HF BERT dir (domain-adaptive); overrides preset
-    run_name: str | None = None  # default: mlm-<preset|init dir name>
-    restart: bool = False  # drop the run's checkpoints and start over instead of resuming
-    workers: int = 1
-    gpu: bool = False
-    cpus_per_worker: float = 1.0
-    max_steps: int = 300  # optimizer steps; also the LR schedule's horizon
-    batch_size: int = 64
-    grad_accum: int = 1
-    lr: float = 5e-4
-    weight_decay: float = 0.01
-    warmup_steps: int | None = None  # default: min(30, 10% of max_steps)
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    min_lr_ratio: float = 0.1
-    max_grad_norm: float = 1.0
-    mask_rate: float = 0.15
-    whole_word: bool = False
-    dropout: float = 0.1
-    eval_interval: int = 50
-    max_eval_rows: int = 2000  # val rows used for perplexity (fixed masks, same every eval)
-    patience: int = 0  # evals without val improvement before stopping early; 0 = never stop early
-    checkpoint_interval: int = 100
-    keep_checkpoints: int = 2
-    max_failures: int = 1  # worker failures Ray Train recovers from (restart from the last checkpoint); -1 = always
-    bucket_batches: int = 50  # length-bucketing buffer, in batches
-    packing: bool = False  # pack several items per sequence (no padding at all) instead of bucketing
-    pack_length: int = 128
-    compile: bool = False  # torch.compile the encoder (GPU)
-    seed: int = 0
-    log_interval: int = 10
-    stop_at_step: int = 0  # stop (checkpointed, no export) at this step, as if interrupted; 0 = off
-    shards_version: int | None = None  # text_shards version to read; default latest
+    preset: Literal["tiny", "small", "base"] = option("small", "model size from scratch", group="source")
+    init: str | None = option(None, "pretrained HF BERT dir to adapt (its tokenizer must have built text_shards); overrides preset",
+                              group="source")  # fmt: skip
+    run_name: str | None = option(None, "run name; same name = resume from its last checkpoint; unset = mlm-<preset|init dir name>",
+                                  aliases=("--name",))  # fmt: skip
+    restart: bool = option(False, "discard the run's checkpoints and start over instead of resuming")
+    workers: int = option(1, "Ray Train workers (data-parallel)")
+    gpu: bool = option(False, "one GPU per worker (bf16, TF32, SDPA)")
+    cpus_per_worker: float = option(1.0, "CPUs per Ray Train worker")
+    max_steps: int = option(300, "optimizer steps; also the LR schedule's horizon")
+    batch_size: int = option(64, "sequences per worker per micro-batch")
+    grad_accum: int = option(1, "micro-batches per optimizer step (gradient accumulation)")
+    lr: float = option(5e-4, "peak learning rate (AdamW)")
+    weight_decay: float = option(0.01, "AdamW weight decay")
+    warmup_steps: int | None = option(None, "linear warmup steps; unset = min(30, 10% of max_steps)")
+    schedule: Literal["cosine", "linear", "constant"] = option("cosine", "LR decay after warmup")
+    min_lr_ratio: float = option(0.1, "final LR as a share of the peak (cosine, linear)")
+    max_grad_norm: float = option(1.0, "gradient clipping norm; 0 = no clipping")
+    mask_rate: float = option(0.15, "share of tokens masked (80% [MASK], 10% random, 10% kept)")
+    whole_word: bool = option(False, "mask whole words (all WordPiece pieces of a word together)")
+    dropout: float = option(0.1, "hidden and attention dropout")
+    eval_interval: int = option(50, "steps between validation perplexity evals")
+    max_eval_rows: int = option(2000, "val rows used for perplexity (fixed masks, same every eval)")
+    patience: int = option(0, "evals without val improvement before stopping early; 0 = never stop early")
+    checkpoint_interval: int = option(100, "steps between checkpoints")
+    keep_checkpoints: int = option(2, "checkpoints kept under <lake>/_ray/<run>")
+    max_failures: int = option(1, "worker failures Ray Train recovers from (restart from the last checkpoint); -1 = always")
+    bucket_batches: int = option(50, "length-bucketing buffer, in batches")
+    packing: bool = option(False, "pack several items per sequence (no padding at all) instead of bucketing")
+    pack_length: int = option(128, "tokens per packed sequence (--packing)")
+    compile: bool = option(False, "torch.compile the encoder (GPU)")
+    seed: int = option(0, "seed of initialisation, masking and data order")
+    log_interval: int = option(10, "steps between training log lines")
+    stop_at_step: int = option(0, "stop (checkpointed, no export) at this step, as if interrupted; 0 = off")
+    shards_version: int | None = option(None, "text_shards Delta version to read; unset = latest")
 
     def validate(self) -> None:
         super().validate()
@@ -119,15 +121,12 @@ def build_model(preset: str, vocab_size: int, max_length: int, pad_id: int, init
     """A ``BertForMaskedLM`` with SDPA attention: from a preset sized to the tokenizer, or from the
     pretrained encoder in ``init`` with a freshly initialised MLM head tied to its word embeddings."""
     from transformers import BertConfig, BertForMaskedLM
-    from transformers.utils import logging as hf_logging
+
+    from common.models import quiet_transformers
 
     if init:
-        verbosity = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()  # the "newly initialized cls.* weights" notice is expected here
-        try:
+        with quiet_transformers():  # the "newly initialized cls.* weights" notice is expected here
             model = BertForMaskedLM.from_pretrained(init, attn_implementation="sdpa")
-        finally:
-            hf_logging.set_verbosity(verbosity)
         if model.config.vocab_size < vocab_size:
             raise InputError(f"--init {init}: model vocab {model.config.vocab_size} < tokenizer vocab {vocab_size}")
         model.tie_weights()
@@ -476,16 +475,8 @@ def _report(metrics: dict[str, Any], rank: int, state: dict[str, Any] | None) ->
 def _export(mlm: Any, tok: Any, config: dict[str, Any], final: dict[str, Any], history: list[dict[str, Any]]) -> str:
     """Rank 0 writes the HF dir + prodrep.json + metrics.jsonl (common.models.save_export)."""
     from common.models import new_model_version, save_export
+    from ray_train.runtime import write_export
 
-    target = config["export_dir"]
-    remote = "://" in target and not target.startswith("file://")
-    local = tempfile.mkdtemp(prefix="mlm-export-") if remote else target.removeprefix("file://")
-    if Path(local).exists() and not remote:
-        shutil.rmtree(local)  # a re-run replaces the export wholesale, never a mix of two
-    Path(local).mkdir(parents=True, exist_ok=True)
-    with open(Path(local) / METRICS_FILE, "w") as f:
-        for rec in history:
-            f.write(json.dumps(rec) + "\n")
     meta = {
         "kind": "mlm",
         "model_version": new_model_version(config["run_name"]),
@@ -499,13 +490,14 @@ def _export(mlm: Any, tok: Any, config: dict[str, Any], final: dict[str, Any], h
     }
     if config.get("text_template"):
         meta["text_template"] = config["text_template"]  # embed must render items exactly as tokenize did
-    save_export(local, meta, model=mlm, tokenizer=tok)
-    if remote:
-        import pyarrow.fs as pafs
 
-        pafs.copy_files(local, target)
-        shutil.rmtree(local, ignore_errors=True)
-    return target
+    def write(local: str) -> None:
+        with open(Path(local) / METRICS_FILE, "w") as f:
+            for rec in history:
+                f.write(json.dumps(rec) + "\n")
+        save_export(local, meta, model=mlm, tokenizer=tok)
+
+    return write_export(config["export_dir"], write)
 
 
 # ------------------------------------------------------------------------------------------- driver
@@ -574,8 +566,8 @@ def masked_perplexity(model_dir: str, input_ids: list[list[int]], mask_rate: flo
     """
     import torch
     from transformers import BertForMaskedLM
-    from transformers.utils import logging as hf_logging
 
+    from common.models import quiet_transformers
     from ray_train.data import MaskingCollator, SpecialTokens, fixed_masked_batches, load_tokenizer
 
     seqs = [np.asarray(s, dtype=np.int64) for s in input_ids if len(s) >= 3]
@@ -583,12 +575,8 @@ def masked_perplexity(model_dir: str, input_ids: list[list[int]], mask_rate: flo
         raise InputError("masked_perplexity: no sequence with >= 3 tokens ([CLS] token [SEP]) to score")
     tok = load_tokenizer(model_dir)
     collator = MaskingCollator(SpecialTokens.from_tokenizer(tok), rate=mask_rate)
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
+    with quiet_transformers():
         mlm = BertForMaskedLM.from_pretrained(model_dir, attn_implementation="sdpa")
-    finally:
-        hf_logging.set_verbosity(verbosity)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     mlm.to(device)
     nll, count = evaluate_nll(mlm, fixed_masked_batches(seqs, collator, batch_size, seed), device)
@@ -596,33 +584,6 @@ def masked_perplexity(model_dir: str, input_ids: list[list[int]], mask_rate: flo
 
 
 # ---------------------------------------------------------------------------------------------- CLI
-def configure_parser(p: argparse.ArgumentParser) -> None:
-    """Flags of ``prodrep train-mlm`` / ``python -m ray_train.mlm``."""
-    p.add_argument("--lake", required=True, help="lake root (local path or s3://, gs://, az:// URI)")
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--preset", choices=sorted(PRESETS), help="model size from scratch (default small)")
-    src.add_argument("--init", help="pretrained HF BERT dir to adapt (its tokenizer must have built text_shards)")
-    p.add_argument("--workers", type=int, help="Ray Train workers (data-parallel)")
-    p.add_argument("--gpu", action="store_true", default=None, help="one GPU per worker (bf16, TF32, SDPA)")
-    p.add_argument("--max-steps", type=int, help="optimizer steps (LR schedule horizon)")
-    p.add_argument("--batch-size", type=int, help="sequences per worker per micro-batch")
-    p.add_argument("--lr", type=float, help="peak learning rate")
-    p.add_argument("--run-name", "--name", dest="run_name", help="run name (same name = resume from its last checkpoint)")
-    p.add_argument("--restart", action="store_true", default=None, help="discard the run's checkpoints, start over")
-    p.add_argument("--config", help="YAML file with MLMConfig fields")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any MLMConfig field, e.g. --set whole_word=true")
-
-
-def config_from_args(args: argparse.Namespace) -> MLMConfig:
-    overrides = parse_overrides(getattr(args, "set", None))
-    flags = {
-        "lake": args.lake, "preset": args.preset, "init": args.init, "workers": args.workers, "gpu": args.gpu,
-        "max_steps": args.max_steps, "batch_size": args.batch_size, "lr": args.lr, "run_name": args.run_name,
-        "restart": args.restart,
-    }  # fmt: skip
-    return build_config(MLMConfig, args.config, **{**overrides, **{k: v for k, v in flags.items() if v is not None}})
-
-
 def format_result(res: dict[str, Any]) -> str:
     if not res.get("model_dir"):
         return f"train-mlm {res.get('run_name')}: stopped at step {res.get('step')} (checkpoint {res.get('checkpoint')}); run again to resume"
@@ -633,19 +594,21 @@ def format_result(res: dict[str, Any]) -> str:
     )
 
 
-def run_from_args(args: argparse.Namespace) -> int:
+def _run_command(cfg: MLMConfig, args: argparse.Namespace) -> int:
     """``prodrep train-mlm``: train, print perplexity before/after and the model dir."""
-    res = run(config_from_args(args))
-    print(format_result(res))
+    print(format_result(run(cfg)))
     return 0
+
+
+COMMAND = Command(MLMConfig, _run_command, required=("lake",))
 
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m ray_train.mlm ...`` (also under ``ray job submit --``)."""
-    from common.cli import job_main
-
-    return job_main("ray_train.mlm", "python -m ray_train.mlm", argv)
+    return job_main(COMMAND, "python -m ray_train.mlm", __doc__, argv)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from ray_train.mlm import main as _main  # run the importable module (pickled by reference), not __main__
+
+    sys.exit(_main())

@@ -1,5 +1,5 @@
-"""Optimisation helpers shared by the Ray trainers: AdamW parameter groups, warmup + decay schedule,
-gradient clipping."""
+"""Optimisation helpers shared by the Ray trainers: AdamW parameter groups, warmup + decay schedule.
+(Gradient clipping is ``torch.nn.utils.clip_grad_norm_`` in :func:`ray_train.mlm.train_step`.)"""
 
 from __future__ import annotations
 
@@ -71,12 +71,3 @@ def build_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, warmup_steps, total_steps, schedule, min_ratio)
     )
-
-
-def clip_gradients(model: torch.nn.Module, max_norm: float) -> float:
-    """Clip the global gradient norm to ``max_norm`` (<= 0: measure only); returns the norm before clipping."""
-    params = [p for p in model.parameters() if p.grad is not None]
-    if not params:
-        return 0.0
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-    return float(norm)

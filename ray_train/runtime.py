@@ -7,9 +7,13 @@ from, so fault tolerance behaves the same whichever model is trained.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
+import shutil
+import tempfile
+from pathlib import Path
 from typing import Any, Callable, Mapping
 
 log = logging.getLogger(__name__)
@@ -180,3 +184,40 @@ def scaled_warmup(configured: int | None, max_steps: int, default: int = 30) -> 
     """Warmup steps: as configured, or (unset) ``default`` capped at 10% of the step budget, so a
     short run (``--max-steps 20``) still gets a schedule instead of an error."""
     return configured if configured is not None else min(default, max_steps // 10)
+
+
+def write_export(target: str, write: Callable[[str], Any]) -> str:
+    """Write a model export to ``target`` -- a local path, a ``file://`` URI or an object-store URI
+    (``s3://``, ``gs://``, ...) -- from rank 0; returns ``target``.
+
+    ``write(local_dir)`` fills a local directory (:func:`common.models.save_export`, which refuses
+    remote paths): the target itself when it is local, replaced wholesale first so a re-run never
+    leaves a mix of two exports; a temporary directory uploaded to the target when it is remote.
+    """
+    remote = "://" in target and not target.startswith("file://")
+    local = tempfile.mkdtemp(prefix="prodrep-export-") if remote else target.removeprefix("file://")
+    if not remote and Path(local).exists():
+        shutil.rmtree(local)
+    Path(local).mkdir(parents=True, exist_ok=True)
+    try:
+        write(local)
+        if remote:
+            import pyarrow.fs as pafs
+
+            pafs.copy_files(local, target)
+    finally:
+        if remote:
+            shutil.rmtree(local, ignore_errors=True)
+    return target
+
+
+def read_export_meta(target: str) -> dict[str, Any]:
+    """The ``prodrep.json`` of an export written by :func:`write_export`, local or remote (only that
+    file is read: the driver needs the metrics, not the weights)."""
+    from common.models import META_FILE, read_meta
+
+    if "://" not in target or target.startswith("file://"):
+        return read_meta(target)
+    fs, root = _fs(target)
+    with fs.open_input_stream(_join(root, META_FILE)) as f:
+        return json.loads(f.read())

@@ -44,7 +44,8 @@ import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from common.config import ConfigError, InputError, JobConfig, build_config, parse_overrides
+from common.command import Command, job_main
+from common.config import ConfigError, InputError, JobConfig, option
 
 if TYPE_CHECKING:  # pragma: no cover
     from pyspark.sql import Column, DataFrame, SparkSession
@@ -63,14 +64,14 @@ CAP_RULE = (
 class CooccurrenceConfig(JobConfig):
     """Options of the co-occurrence job."""
 
-    max_session_items: int = 100
-    min_count: int = 2
-    top_k: int = 0
-    n_buckets: int = 16
-    salt_buckets: int = 8
-    broadcast_items_max: int = 2_000_000
-    explode_partitions: int = 0
-    pair_budget: int = 20_000_000
+    max_session_items: int = option(100, "session cap: a longer session keeps this many items; 0 = no cap")
+    min_count: int = option(2, "minimum sessions per pair")
+    top_k: int = option(0, "keep the K best partners per item; 0 = all")
+    n_buckets: int = option(16, "partition buckets of item_a (one file each)")
+    salt_buckets: int = option(8, "salt buckets of the two-stage top-K (a hot item's partners spread over them)")
+    broadcast_items_max: int = option(2_000_000, "largest vocabulary shipped to every task; above it pairs are exploded row by row")
+    explode_partitions: int = option(0, "partitions sessions are spread over before counting; 0 = spark.sql.shuffle.partitions")
+    pair_budget: int = option(20_000_000, "pair occurrences a task counts at once")
 
     def validate(self) -> None:
         super().validate()
@@ -528,26 +529,6 @@ def top_cooccurring(spark: "SparkSession | None", lake: str, title_or_item: str,
     ]
 
 
-def configure_parser(p: argparse.ArgumentParser) -> None:
-    """CLI flags of ``prodrep cooccur``."""
-    p.add_argument("--lake", default=None, help="lake root (local path or object-store URI)")
-    p.add_argument("--config", default=None, help="YAML file with CooccurrenceConfig fields")
-    p.add_argument("--max-session-items", type=int, default=None, help="session cap (default 100, 0 = none)")
-    p.add_argument("--min-count", type=int, default=None, help="minimum sessions per pair (default 2)")
-    p.add_argument("--top-k", type=int, default=None, help="keep the K best partners per item (default 0 = all)")
-    p.add_argument("--n-buckets", type=int, default=None, help="partition buckets of item_a (default 16)")
-    p.add_argument("--show", default=None, metavar="TITLE_OR_ID", help="print the top items co-occurring with it")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config field, repeatable")
-
-
-def config_from_args(args: argparse.Namespace) -> CooccurrenceConfig:
-    overrides = parse_overrides(args.set)
-    for k in ("lake", "max_session_items", "min_count", "top_k", "n_buckets"):
-        if getattr(args, k, None) is not None:
-            overrides[k] = getattr(args, k)
-    return build_config(CooccurrenceConfig, args.config, **overrides)
-
-
 def format_summary(summary: dict[str, Any]) -> str:
     return (
         f"cooccurrence v{summary['version']}: {summary['pairs_written']:,} pairs written (both orders) from "
@@ -564,10 +545,13 @@ def format_top(rows: list[dict[str, Any]], query: str) -> str:
     return "\n".join(lines)
 
 
-def run_from_args(args: argparse.Namespace) -> int:
+def _show_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--show", default=None, metavar="TITLE_OR_ID", help="print the top items co-occurring with it")
+
+
+def _run_command(cfg: CooccurrenceConfig, args: argparse.Namespace) -> int:
     from common.spark import get_spark
 
-    cfg = config_from_args(args)
     spark = get_spark("prodrep-cooccur")
     print(format_summary(run(spark, cfg)))
     if args.show:
@@ -575,11 +559,12 @@ def run_from_args(args: argparse.Namespace) -> int:
     return 0
 
 
+COMMAND = Command(CooccurrenceConfig, _run_command, arguments=_show_flag)
+
+
 def main(argv: list[str] | None = None) -> int:
     """spark-submit entry point."""
-    from common.cli import job_main
-
-    return job_main("spark_jobs.cooccurrence", "spark_jobs/cooccurrence.py", argv)
+    return job_main(COMMAND, "spark_jobs/cooccurrence.py", __doc__, argv)
 
 
 if __name__ == "__main__":

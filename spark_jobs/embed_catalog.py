@@ -42,7 +42,8 @@ from typing import TYPE_CHECKING, Any, Iterator, Literal
 import numpy as np
 import pyarrow as pa
 
-from common.config import ConfigError, InputError, JobConfig, build_config, parse_overrides
+from common.command import Command, job_main
+from common.config import ConfigError, InputError, JobConfig, option
 from common.schemas import ITEM_EMBEDDINGS
 from common.text import DEFAULT_TEMPLATE
 
@@ -59,12 +60,12 @@ TEXT_SCHEMA = "item_id string not null, text string not null, text_hash string n
 class EmbedConfig(JobConfig):
     """``prodrep embed`` options."""
 
-    model: str = ""  # exported model dir (<lake>/models/<run>) or a Hugging Face dir
-    incremental: bool = False  # embed only new / changed items of this model
-    batch_size: int = 256  # rows per forward pass
-    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = the task's Spark GPU if assigned, else CPU
-    torch_threads: int = 0  # intra-op threads per task; 0 = spark.task.cpus
-    partitions: int = 0  # min partitions to embed with; 0 = spark.default.parallelism
+    model: str = option("", "exported model dir (<lake>/models/<run>, a URI) or a Hugging Face dir")
+    incremental: bool = option(False, "embed only new / changed items of this model")
+    batch_size: int = option(256, "rows per forward pass")
+    device: Literal["auto", "cpu", "cuda"] = option("auto", "auto = the task's Spark GPU if assigned, else CPU")
+    torch_threads: int = option(0, "torch intra-op threads per task; 0 = spark.task.cpus")
+    partitions: int = option(0, "min partitions to embed with; 0 = spark.default.parallelism")
 
     def validate(self) -> None:
         super().validate()
@@ -155,7 +156,7 @@ def embed_batches(
 
 def normalize_batches(batches: Iterator[pa.RecordBatch], model_version: str, catalog_version: int | None, dim: int) -> Iterator[pa.RecordBatch]:
     """(item_id, embedding) batches of an ID model -> L2-normalised item_embeddings batches."""
-    from common.models import l2_normalize
+    from common.vectors import l2_normalize
 
     for batch in batches:
         n = batch.num_rows
@@ -337,27 +338,6 @@ def run(spark: "SparkSession", cfg: EmbedConfig) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------ CLI
-def configure_parser(p: argparse.ArgumentParser) -> None:
-    """CLI flags of ``prodrep embed``."""
-    p.add_argument("--lake", default=None, help="lake root (local path or object-store URI)")
-    p.add_argument("--config", default=None, help="YAML file with EmbedConfig fields")
-    p.add_argument("--model", default=None, help="exported model dir (<lake>/models/<run>) or a Hugging Face dir")
-    p.add_argument("--incremental", action="store_true", default=None, help="embed only new/changed items")
-    p.add_argument("--batch-size", type=int, default=None, help="rows per forward pass (default 256)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="auto = the task's Spark GPU, else CPU")
-    p.add_argument("--torch-threads", type=int, default=None, help="torch threads per task (default spark.task.cpus)")
-    p.add_argument("--partitions", type=int, default=None, help="min partitions (default spark.default.parallelism)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config field, repeatable")
-
-
-def config_from_args(args: argparse.Namespace) -> EmbedConfig:
-    overrides = parse_overrides(args.set)
-    for k in ("lake", "model", "incremental", "batch_size", "device", "torch_threads", "partitions"):
-        if getattr(args, k, None) is not None:
-            overrides[k] = getattr(args, k)
-    return build_config(EmbedConfig, args.config, **overrides)
-
-
 def format_summary(s: dict[str, Any]) -> str:
     if not s["written"]:
         return f"item_embeddings v{s['version']}: up to date for {s['model_version']} ({s['kept']:,} items), nothing written"
@@ -367,19 +347,19 @@ def format_summary(s: dict[str, Any]) -> str:
     )
 
 
-def run_from_args(args: argparse.Namespace) -> int:
+def _run_command(cfg: EmbedConfig, args: argparse.Namespace) -> int:
     from common.spark import get_spark
 
-    cfg = config_from_args(args)
     print(format_summary(run(get_spark("prodrep-embed"), cfg)))
     return 0
 
 
+COMMAND = Command(EmbedConfig, _run_command)
+
+
 def main(argv: list[str] | None = None) -> int:
     """spark-submit entry point."""
-    from common.cli import job_main
-
-    return job_main("spark_jobs.embed_catalog", "spark_jobs/embed_catalog.py", argv)
+    return job_main(COMMAND, "spark_jobs/embed_catalog.py", __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -20,13 +20,14 @@ import logging
 import os
 import sys
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Mapping
 
 from common import lake as L
-from common.config import ConfigError, InputError, JobConfig, build_config, parse_overrides
+from common.command import Command, job_main
+from common.config import ConfigError, InputError, JobConfig, option
 from common.schemas import CATALOG, EVENTS, REASONS
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -67,20 +68,20 @@ DATA_DIR = data_dir()
 class IngestConfig(JobConfig):
     """Where the raw data is and how its columns map onto prodrep's ``events`` / ``catalog``."""
 
-    dataset: str | None = None  # a preset: "online-retail"
-    events: str | None = None  # file or directory: parquet, csv, json lines, or a Delta table
-    events_format: Literal["auto", "parquet", "csv", "json", "delta"] = "auto"
-    events_map: dict = field(default_factory=dict)  # prodrep field -> source column
-    catalog: str | None = None
-    catalog_format: Literal["auto", "parquet", "csv", "json", "delta"] = "auto"
-    catalog_map: dict = field(default_factory=dict)
-    timestamp_format: str | None = None  # Spark datetime pattern for string timestamps
-    event_type: str = "purchase"  # used when no event_type column is mapped
-    uppercase_item_ids: bool = False
-    reject_zero_price: bool = False  # negative prices are always rejected
-    cancellation_prefixes: tuple = ()  # session_id prefixes marking cancellations (e.g. "C")
-    adjustment_prefixes: tuple = ()  # session_id prefixes marking accounting adjustments (e.g. "A")
-    non_product_items: tuple = ()  # item ids that are fees/postage/... ; a trailing * is a prefix match
+    dataset: str | None = option(None, "ingest a built-in dataset preset: online-retail")
+    events: str | None = option(None, "events file/dir: parquet, csv, json lines, or a Delta table")
+    events_format: Literal["auto", "parquet", "csv", "json", "delta"] = option("auto", "events format; auto = from the file names")
+    events_map: dict = option(help="prodrep_field=source_column,... (session_id and item_id required)", factory=dict)
+    catalog: str | None = option(None, "catalog file/dir; unset = derive the catalog from title/... in the events")
+    catalog_format: Literal["auto", "parquet", "csv", "json", "delta"] = option("auto", "catalog format; auto = from the file names")
+    catalog_map: dict = option(help="prodrep_field=source_column,... (item_id and title required)", factory=dict)
+    timestamp_format: str | None = option(None, "Spark datetime pattern for string timestamps")
+    event_type: str = option("purchase", "event_type of every event when no event_type column is mapped")
+    uppercase_item_ids: bool = option(False, "upper-case item ids (events and catalog)")
+    reject_zero_price: bool = option(False, "quarantine zero prices too (negative prices always are)")
+    cancellation_prefixes: tuple = option((), "session_id prefixes marking cancellations (e.g. C)")
+    adjustment_prefixes: tuple = option((), "session_id prefixes marking accounting adjustments (e.g. A)")
+    non_product_items: tuple = option((), "item ids that are fees/postage/...; a trailing * is a prefix match")
 
     def validate(self) -> None:
         super().validate()
@@ -618,39 +619,10 @@ def format_summary(s: Mapping[str, Any]) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ CLI
-def configure_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--lake", default="./lake", help="lake root (local path or object-store URI)")
-    p.add_argument("--dataset", choices=sorted(PRESETS), help="ingest a built-in dataset preset")
-    p.add_argument("--events", help="events file/dir (parquet, csv, json lines, or a Delta table)")
-    p.add_argument("--events-format", choices=["auto", "parquet", "csv", "json", "delta"])
-    p.add_argument("--events-map", help="prodrep_field=source_column,... (session_id and item_id required)")
-    p.add_argument("--catalog", help="catalog file/dir; omit to derive the catalog from title/... in the events")
-    p.add_argument("--catalog-format", choices=["auto", "parquet", "csv", "json", "delta"])
-    p.add_argument("--catalog-map", help="prodrep_field=source_column,... (item_id and title required)")
-    p.add_argument("--timestamp-format", help="Spark datetime pattern for string timestamps")
-    p.add_argument("--config", help="YAML file with any of these options")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any config field")
-
-
-def config_from_args(args: argparse.Namespace) -> IngestConfig:
-    flags = dict(
-        lake=args.lake,
-        dataset=args.dataset,
-        events=args.events,
-        events_format=args.events_format,
-        events_map=args.events_map,
-        catalog=args.catalog,
-        catalog_format=args.catalog_format,
-        catalog_map=args.catalog_map,
-        timestamp_format=args.timestamp_format,
-    )
-    return build_config(IngestConfig, args.config, **{**flags, **parse_overrides(args.set)})
-
-
-def run_from_args(args: argparse.Namespace) -> int:
+def _run_command(cfg: IngestConfig, args: argparse.Namespace) -> int:
     from common.spark import get_spark
 
-    cfg = resolve(config_from_args(args))
+    cfg = resolve(cfg)
     for path in (cfg.events, cfg.catalog):  # fail before paying for a JVM start
         if path and "://" not in path and not Path(path).exists():
             raise InputError(f"input {path} does not exist: check the path (relative paths are from {os.getcwd()})")
@@ -659,12 +631,15 @@ def run_from_args(args: argparse.Namespace) -> int:
     return 0
 
 
+COMMAND = Command(IngestConfig, _run_command)
+
+
 def main(argv: list[str] | None = None) -> int:
     """spark-submit entry point: ``spark-submit spark_jobs/ingest.py --lake L --dataset online-retail``."""
-    from common.cli import job_main
-
-    return job_main("spark_jobs.ingest", "spark_jobs/ingest.py", argv)
+    return job_main(COMMAND, "spark_jobs/ingest.py", __doc__, argv)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from spark_jobs.ingest import main as _main  # run the importable module (pickled by reference), not __main__
+
+    sys.exit(_main())

@@ -11,18 +11,20 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
+
 import numpy as np
 import pandas as pd
 
-from common.config import ConfigError, InputError, JobConfig, build_config, parse_overrides
+from common.command import Command
+from common.config import ConfigError, InputError, JobConfig, option
 
 
 @dataclass(frozen=True)
 class LookupConfig(JobConfig):
     """Options of ``prodrep similar`` / ``prodrep search``."""
 
-    k: int = 10
-    model_version: str = ""  # default: the model of the latest embed run
+    k: int = option(10, "how many items to print")
+    model_version: str = option("", "embedding model; '' = the model of the latest embed run")
 
     def validate(self) -> None:
         super().validate()
@@ -143,45 +145,27 @@ def format_rows(rows: pd.DataFrame) -> str:
 
 
 # ------------------------------------------------------------------------------------------ CLI
-def _common_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--lake", default=None, help="lake root (local path or object-store URI)")
-    p.add_argument("--k", type=int, default=None, help="how many items to print (default 10)")
-    p.add_argument("--model-version", default=None, help="embedding model (default: latest embed run)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config field, repeatable")
-
-
-def _config(args: argparse.Namespace) -> LookupConfig:
-    overrides = parse_overrides(args.set)
-    for k in ("lake", "k", "model_version"):
-        if getattr(args, k, None) is not None:
-            overrides[k] = getattr(args, k)
-    return build_config(LookupConfig, None, **overrides)
-
-
-def configure_similar_parser(p: argparse.ArgumentParser) -> None:
-    """CLI flags of ``prodrep similar``."""
+def _item_id_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("item_id", help="catalog item id, e.g. 85123A")
-    _common_flags(p)
 
 
-def run_similar_from_args(args: argparse.Namespace) -> int:
-    cfg = _config(args)
+def _run_similar(cfg: LookupConfig, args: argparse.Namespace) -> int:
     rows, name, version = similar(cfg.lake, args.item_id, cfg.k, cfg.model_version)
     print(f"items similar to {args.item_id} {name!r}  (model {version}, from {rows.attrs['source']})")
     print(format_rows(rows))
     return 0
 
 
-def configure_search_parser(p: argparse.ArgumentParser) -> None:
-    """CLI flags of ``prodrep search``."""
+def _query_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("query", help='free text, e.g. "christmas lights"')
-    _common_flags(p)
 
 
-def run_search_from_args(args: argparse.Namespace) -> int:
-    cfg = _config(args)
+def _run_search(cfg: LookupConfig, args: argparse.Namespace) -> int:
     rows, version = search(cfg.lake, args.query, cfg.k, cfg.model_version)
     print(f"items closest to {args.query!r}  (model {version})")
     print(format_rows(rows))
     return 0
 
+
+SIMILAR = Command(LookupConfig, _run_similar, arguments=_item_id_argument)  # prodrep similar
+SEARCH = Command(LookupConfig, _run_search, arguments=_query_argument)  # prodrep search

@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING, Any, Iterator
 import numpy as np
 import pyarrow as pa
 
-from common.config import ConfigError, InputError, JobConfig, build_config, parse_overrides
+from common.command import Command, job_main
+from common.config import ConfigError, InputError, JobConfig, option
 from common.schemas import ITEM_NEIGHBORS
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -36,14 +37,14 @@ log = logging.getLogger(__name__)
 class NeighborsConfig(JobConfig):
     """``prodrep neighbors`` options."""
 
-    k: int = 50  # neighbours per item (self excluded)
-    model_version: str = ""  # default: the model of the latest item_embeddings write
-    flat_max: int = 200_000  # exact IndexFlatIP up to this many items, IVF above
-    nlist: int = 0  # IVF lists; 0 = 4*sqrt(n)
-    nprobe: int = 32  # IVF lists searched per query (higher = better recall, slower)
-    train_sample: int = 100_000  # vectors used to train the IVF quantizer
-    query_batch: int = 4096  # queries per faiss search call
-    partitions: int = 0  # min query partitions; 0 = spark.default.parallelism
+    k: int = option(50, "neighbours per item (self excluded)")
+    model_version: str = option("", "embedding model; '' = the model of the latest item_embeddings write")
+    flat_max: int = option(200_000, "exact IndexFlatIP up to this many items, IVF above")
+    nlist: int = option(0, "IVF lists; 0 = 4*sqrt(n)")
+    nprobe: int = option(32, "IVF lists searched per query (higher = better recall, slower)")
+    train_sample: int = option(100_000, "vectors used to train the IVF quantizer")
+    query_batch: int = option(4096, "queries per faiss search call")
+    partitions: int = option(0, "min query partitions; 0 = spark.default.parallelism")
 
     def validate(self) -> None:
         super().validate()
@@ -209,41 +210,23 @@ def run(spark: "SparkSession", cfg: NeighborsConfig) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------ CLI
-def configure_parser(p: argparse.ArgumentParser) -> None:
-    """CLI flags of ``prodrep neighbors``."""
-    p.add_argument("--lake", default=None, help="lake root (local path or object-store URI)")
-    p.add_argument("--config", default=None, help="YAML file with NeighborsConfig fields")
-    p.add_argument("--k", type=int, default=None, help="neighbours per item (default 50)")
-    p.add_argument("--model-version", default=None, help="embedding model (default: latest embed run)")
-    p.add_argument("--flat-max", type=int, default=None, help="exact index up to this many items (default 200000)")
-    p.add_argument("--nprobe", type=int, default=None, help="IVF lists searched per query (default 32)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config field, repeatable")
-
-
-def config_from_args(args: argparse.Namespace) -> NeighborsConfig:
-    overrides = parse_overrides(args.set)
-    for k in ("lake", "k", "model_version", "flat_max", "nprobe"):
-        if getattr(args, k, None) is not None:
-            overrides[k] = getattr(args, k)
-    return build_config(NeighborsConfig, args.config, **overrides)
-
-
 def format_summary(s: dict[str, Any]) -> str:
     return f"item_neighbors v{s['version']}: top-{s['k']} for {s['items']:,} items of {s['model_version']} ({s['index']})"
 
 
-def run_from_args(args: argparse.Namespace) -> int:
+def _run_command(cfg: NeighborsConfig, args: argparse.Namespace) -> int:
     from common.spark import get_spark
 
-    print(format_summary(run(get_spark("prodrep-neighbors"), config_from_args(args))))
+    print(format_summary(run(get_spark("prodrep-neighbors"), cfg)))
     return 0
+
+
+COMMAND = Command(NeighborsConfig, _run_command)
 
 
 def main(argv: list[str] | None = None) -> int:
     """spark-submit entry point."""
-    from common.cli import job_main
-
-    return job_main("spark_jobs.neighbors", "spark_jobs/neighbors.py", argv)
+    return job_main(COMMAND, "spark_jobs/neighbors.py", __doc__, argv)
 
 
 if __name__ == "__main__":

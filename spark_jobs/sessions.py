@@ -27,7 +27,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, Literal
 
-from common.config import ConfigError, InputError, JobConfig, build_config, parse_overrides
+from common.command import Command, job_main
+from common.config import ConfigError, InputError, JobConfig, option
 
 if TYPE_CHECKING:  # pragma: no cover
     from pyspark.sql import DataFrame, SparkSession
@@ -45,13 +46,13 @@ _HASH_RESOLUTION = 10_000
 class SessionsConfig(JobConfig):
     """Options of the sessions job."""
 
-    sessionize: Literal["session_id", "gap"] = "session_id"
-    gap_minutes: float = 30.0
-    split_method: Literal["auto", "temporal", "hash"] = "auto"
-    test_from: str | None = None
-    val_from: str | None = None
-    test_fraction: float = 0.1
-    val_fraction: float = 0.1
+    sessionize: Literal["session_id", "gap"] = option("session_id", "session key: the events' session_id, or user_id + an inactivity gap")
+    gap_minutes: float = option(30.0, "inactivity gap that ends a session (--sessionize gap)")
+    split_method: Literal["auto", "temporal", "hash"] = option("auto", "auto = temporal where timestamps exist, else hash")
+    test_from: str | None = option(None, "ISO date: sessions starting at/after it are test")
+    val_from: str | None = option(None, "ISO date: sessions in [val_from, test_from) are val")
+    test_fraction: float = option(0.1, "share of the time span (or hash space) for test")
+    val_fraction: float = option(0.1, "share for val; 0 = no val split")
 
     def validate(self) -> None:
         super().validate()
@@ -298,28 +299,6 @@ def run(spark: "SparkSession", cfg: SessionsConfig) -> dict[str, Any]:
     }
 
 
-def configure_parser(p: argparse.ArgumentParser) -> None:
-    """CLI flags of ``prodrep sessions``."""
-    p.add_argument("--lake", default=None, help="lake root (local path or object-store URI)")
-    p.add_argument("--config", default=None, help="YAML file with SessionsConfig fields")
-    p.add_argument("--sessionize", choices=["session_id", "gap"], default=None, help="session key (default session_id)")
-    p.add_argument("--gap-minutes", type=float, default=None, help="inactivity gap for --sessionize gap (default 30)")
-    p.add_argument("--split-method", choices=["auto", "temporal", "hash"], default=None)
-    p.add_argument("--test-from", default=None, help="ISO date: sessions starting at/after it are test")
-    p.add_argument("--val-from", default=None, help="ISO date: sessions in [val_from, test_from) are val")
-    p.add_argument("--test-fraction", type=float, default=None, help="share of the time span (or hash space) for test")
-    p.add_argument("--val-fraction", type=float, default=None, help="share for val; 0 = no val split")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config field, repeatable")
-
-
-def config_from_args(args: argparse.Namespace) -> SessionsConfig:
-    overrides = parse_overrides(args.set)
-    for k in ("lake", "sessionize", "gap_minutes", "split_method", "test_from", "val_from", "test_fraction", "val_fraction"):
-        if getattr(args, k, None) is not None:
-            overrides[k] = getattr(args, k)
-    return build_config(SessionsConfig, args.config, **overrides)
-
-
 def format_summary(summary: dict[str, Any]) -> str:
     s = summary["sessions_per_split"]
     plan = summary["split"]
@@ -329,20 +308,19 @@ def format_summary(summary: dict[str, Any]) -> str:
     )
 
 
-def run_from_args(args: argparse.Namespace) -> int:
+def _run_command(cfg: SessionsConfig, args: argparse.Namespace) -> int:
     from common.spark import get_spark
 
-    cfg = config_from_args(args)
-    summary = run(get_spark("prodrep-sessions"), cfg)
-    print(format_summary(summary))
+    print(format_summary(run(get_spark("prodrep-sessions"), cfg)))
     return 0
+
+
+COMMAND = Command(SessionsConfig, _run_command)
 
 
 def main(argv: list[str] | None = None) -> int:
     """spark-submit entry point."""
-    from common.cli import job_main
-
-    return job_main("spark_jobs.sessions", "spark_jobs/sessions.py", argv)
+    return job_main(COMMAND, "spark_jobs/sessions.py", __doc__, argv)
 
 
 if __name__ == "__main__":

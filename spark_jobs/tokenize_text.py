@@ -41,7 +41,8 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import pyarrow as pa
 
-from common.config import ConfigError, InputError, JobConfig, build_config, parse_overrides
+from common.command import Command, job_main
+from common.config import ConfigError, InputError, JobConfig, option
 from common.text import DEFAULT_TEMPLATE, FIELDS
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -65,15 +66,15 @@ _TOKENIZERS: dict[tuple[str, int], "Tokenizer"] = {}
 class TokenizeConfig(JobConfig):
     """Options of the tokenize job."""
 
-    tokenizer: str | None = None
-    vocab_size: int = 8000
-    min_frequency: int = 2
-    lowercase: bool = True
-    max_length: int = 64
-    template: str = DEFAULT_TEMPLATE
-    n_shards: int = 8
-    val_fraction: float = 0.1
-    test_fraction: float = 0.1
+    tokenizer: str | None = option(None, "existing HF tokenizer dir; unset = train a WordPiece tokenizer on the train items")
+    vocab_size: int = option(8000, "WordPiece vocabulary size when training")
+    min_frequency: int = option(2, "WordPiece: minimum token frequency when training")
+    lowercase: bool = option(True, "WordPiece: lowercase the text when training")
+    max_length: int = option(64, "max tokens per item, [CLS]/[SEP] included (longer texts are truncated)")
+    template: str = option(DEFAULT_TEMPLATE, "item text template (common.text.render fields)")
+    n_shards: int = option(8, "shard (partition) count of text_shards")
+    val_fraction: float = option(0.1, "share of items (by item hash) in the val split")
+    test_fraction: float = option(0.1, "share of items (by item hash) in the test split")
 
     def validate(self) -> None:
         super().validate()
@@ -390,26 +391,6 @@ def run(spark: "SparkSession", cfg: TokenizeConfig) -> dict[str, Any]:
     }
 
 
-def configure_parser(p: argparse.ArgumentParser) -> None:
-    """CLI flags of ``prodrep tokenize``."""
-    p.add_argument("--lake", default=None, help="lake root (local path or object-store URI)")
-    p.add_argument("--config", default=None, help="YAML file with TokenizeConfig fields")
-    p.add_argument("--tokenizer", default=None, metavar="DIR", help="existing HF tokenizer dir (default: train WordPiece)")
-    p.add_argument("--vocab-size", type=int, default=None, help="WordPiece vocabulary size when training (default 8000)")
-    p.add_argument("--max-length", type=int, default=None, help="max tokens incl. [CLS]/[SEP] (default 64)")
-    p.add_argument("--template", default=None, help=f"text template (default {DEFAULT_TEMPLATE!r})")
-    p.add_argument("--n-shards", type=int, default=None, help="shard (partition) count (default 8)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config field, repeatable")
-
-
-def config_from_args(args: argparse.Namespace) -> TokenizeConfig:
-    overrides = parse_overrides(args.set)
-    for k in ("lake", "tokenizer", "vocab_size", "max_length", "template", "n_shards"):
-        if getattr(args, k, None) is not None:
-            overrides[k] = getattr(args, k)
-    return build_config(TokenizeConfig, args.config, **overrides)
-
-
 def format_summary(s: dict[str, Any]) -> str:
     tl = s["token_length"]
     return (
@@ -421,19 +402,19 @@ def format_summary(s: dict[str, Any]) -> str:
     )
 
 
-def run_from_args(args: argparse.Namespace) -> int:
+def _run_command(cfg: TokenizeConfig, args: argparse.Namespace) -> int:
     from common.spark import get_spark
 
-    cfg = config_from_args(args)
     print(format_summary(run(get_spark("prodrep-tokenize"), cfg)))
     return 0
 
 
+COMMAND = Command(TokenizeConfig, _run_command)
+
+
 def main(argv: list[str] | None = None) -> int:
     """spark-submit entry point."""
-    from common.cli import job_main
-
-    return job_main("spark_jobs.tokenize_text", "spark_jobs/tokenize_text.py", argv)
+    return job_main(COMMAND, "spark_jobs/tokenize_text.py", __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import pytest
 
 from common.config import ConfigError, InputError, build_config
 from common.evaluation import baselines as B
-from common.evaluation.cli import EvaluateConfig, main, run
+from prodrep.evaluate import EvaluateConfig, main, run
 from common.evaluation.metrics import recall_at_k
 from common.evaluation.protocol import build_context, evaluate_scores, sample_queries
 from common.lake import read_pandas, write_arrow

@@ -121,7 +121,7 @@ def test_rp3beta_grid_always_contains_beta_zero():
 def test_harness_reports_rp3beta_and_ease_tuned_on_val_with_warm_recall(lake, tmp_path):
     """End to end on the evaluation tests' two-group lake: both methods run, are tuned on pseudo-val
     (the lake has no val split), keep the groups apart and report warm Recall@20 beside cold."""
-    from common.evaluation.cli import run
+    from prodrep.evaluate import run
     from tests.test_evaluation import _cfg, _write_lake
 
     _write_lake(lake, with_model=False)

@@ -162,10 +162,10 @@ def test_fusion_cold_item_lands_in_its_text_group(toy_lake, tiny_bert, ray_local
 def test_run_name_flag_matches_train_mlm(lake):
     import argparse
 
-    from ray_train.items import config_from_args, configure_parser
+    from ray_train.items import COMMAND
 
     p = argparse.ArgumentParser()
-    configure_parser(p)
+    COMMAND.configure(p)
     for flag in ("--run-name", "--name"):  # --name: the old spelling stays an alias
-        cfg = config_from_args(p.parse_args(["--lake", lake, "--kind", "id", flag, "r1"]))
+        cfg = COMMAND.parse(p.parse_args(["--lake", lake, "--kind", "id", flag, "r1"]))
         assert cfg.name == "r1" and cfg.max_failures >= 1

@@ -106,7 +106,7 @@ def test_similar_and_search(spark, lake, tmp_path, capsys):
     want = np.argsort(-(vecs @ q), kind="stable")[:4]
     assert list(rows["neighbor_id"]) == [ids[j] for j in want]
 
-    from common.cli import main
+    from prodrep.cli import main
 
     assert main(["similar", "--lake", lake, "22633", "--k", "2"]) == 0
     out = capsys.readouterr().out

@@ -129,7 +129,7 @@ def _ingest_input(tmp_path: Path, tag: str, n: int) -> str:
 
 
 def _ingest(lake: str, events: str, **env: str) -> subprocess.CompletedProcess:
-    return _run(["-m", "common.cli", "ingest", "--lake", lake, "--events", events, "--events-map", INGEST_MAP], **env)
+    return _run(["-m", "prodrep.cli", "ingest", "--lake", lake, "--events", events, "--events-map", INGEST_MAP], **env)
 
 
 def _state(lake: str) -> dict[str, tuple[int, int, str | None]]:

@@ -1,6 +1,6 @@
 """Evaluation harness: basket completion + cold start, category probe, perplexity, baselines, report.
 
-``prodrep evaluate`` (:mod:`common.evaluation.cli`) ties together :mod:`.protocol` (queries,
+``prodrep evaluate`` (:mod:`prodrep.evaluate`) ties together :mod:`.protocol` (queries,
 candidates, ranking with the tie-break rule), :mod:`.metrics`, :mod:`.baselines`, :mod:`.probe` and
 :mod:`.report`.
 """

