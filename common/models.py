@@ -127,7 +127,7 @@ def _full_meta(meta: Mapping[str, Any]) -> dict[str, Any]:
         "metrics": {},
         "config": {},
         "code_version": code_version(),
-        "lexical": None,  # fusion: {"vocab_size": V, "dense_weight": w} when lexical.json is present
+        "lexical": None,  # fusion: {"vocab_size": V[, "dim": k, "projection": "tfidf-lsa"], "dense_weight": w}
         "created_at": datetime.now(timezone.utc).isoformat(),
     }
     out.update(meta)
@@ -178,7 +178,7 @@ def save_export(
         weight = (full.get("lexical") or {}).get("dense_weight")
         if weight is None:
             raise InputError('save_export: a lexical block needs meta["lexical"] = {"dense_weight": w} (the mix it was trained with)')
-        full["lexical"] = {"vocab_size": lexical.size, "dense_weight": float(weight)}
+        full["lexical"] = {**lexical.describe(), "dense_weight": float(weight)}
     path = Path(out_dir)
     if "://" in str(out_dir) and not str(out_dir).startswith("file://"):
         raise InputError(f"save_export: {out_dir} is remote; export to a local dir and copy it (e.g. `aws s3 sync`)")

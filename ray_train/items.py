@@ -111,7 +111,8 @@ class ItemsConfig(JobConfig):
     temperature: float = option(0.05, "fusion: InfoNCE temperature")
     learn_temperature: bool = option(False, "fusion: learn the InfoNCE temperature")
     text_steps: int | None = option(None, "fusion stage 1 (encoder fine-tune) steps; unset = 40; 0 = epochs x one pass over the pairs")
-    lexical_features: int = option(4096, "fusion: TF-IDF block beside the dense encoder (common.lexical); 0 = dense only")
+    lexical_features: int = option(4096, "fusion: TF-IDF vocabulary of the lexical block beside the dense encoder (common.lexical); 0 = dense only")
+    lexical_dim: int = option(128, "fusion: the lexical block's fixed size (LSA projection of the TF-IDF rows); 0 = unprojected, one column per term")
     dense_weight: float = option(0.3, "fusion: text vector = [w * dense, sqrt(1 - w^2) * tfidf]; val: 0.2..0.7 within 0.003 R@20")
     id_embeddings: bool = option(True, "fusion: add ID vectors for items with history (stage 2)")
     id_init: Literal["propagate", "zero"] = option(
@@ -150,6 +151,8 @@ class ItemsConfig(JobConfig):
             raise ConfigError("id_init must be propagate or zero, id_beta >= 0, id_epochs >= 0")
         if self.id_init == "zero" and self.id_embeddings and self.id_epochs == 0:
             raise ConfigError("id_init=zero with id_epochs=0 trains no ID vectors: set id_epochs >= 1 or id_init=propagate")
+        if self.lexical_dim < 0:
+            raise ConfigError(f"lexical_dim={self.lexical_dim}: must be >= 0 (0 = one column per TF-IDF term; 64-256 is typical)")
         if self.lexical_features < 0 or not 0.0 < self.dense_weight <= 1.0:
             raise ConfigError(f"lexical_features={self.lexical_features} must be >= 0 (0 = off) and dense_weight="
                               f"{self.dense_weight} in (0, 1] (1 = the lexical block gets no weight)")  # fmt: skip
@@ -469,7 +472,7 @@ def _fit_lexical(items: Any, config: dict[str, Any]) -> Any:
     n = int(config.get("lexical_features") or 0)
     if n == 0 or float(config.get("dense_weight", 1.0)) >= 1.0:
         return None
-    return Lexical.fit(list(items["text"]), max_features=n)
+    return Lexical.fit(list(items["text"]), max_features=n, dim=int(config.get("lexical_dim") or 0), seed=int(config.get("seed") or 0))
 
 
 def _train_id_stage(config, tower, token_ids, pad_id, shard, device, rank, world, IdResidual, info_nce, lexical, texts):

@@ -146,6 +146,36 @@ def test_lexical_block_matches_sklearn_tfidf_and_round_trips(tmp_path):
     assert not again.transform(["zzz"]).any()  # no known term: a zero row, not NaN
 
 
+def test_projected_lexical_block_is_lsa_of_tfidf_with_a_fixed_size(tmp_path):
+    from sklearn.decomposition import TruncatedSVD
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    from common.lexical import COMPONENTS_FILE, Lexical
+
+    lex = Lexical.fit(TEXTS, max_features=1000, dim=3, seed=0)
+    assert lex.size == 3 and lex.vocab_size > 3 and lex.describe() == {"vocab_size": lex.vocab_size, "dim": 3, "projection": "tfidf-lsa"}
+    # the obvious reference: sklearn's TF-IDF -> TruncatedSVD pipeline, rows re-normalised
+    x = TfidfVectorizer(sublinear_tf=True).fit_transform(TEXTS)
+    want = np.nan_to_num(unit(TruncatedSVD(n_components=3, algorithm="randomized", n_iter=7, random_state=0).fit(x).transform(x)))
+    np.testing.assert_allclose(lex.transform(TEXTS), want, atol=1e-5)
+    (tmp_path / "x").mkdir()
+    lex.save(tmp_path / "x")
+    assert (tmp_path / "x" / COMPONENTS_FILE).exists()
+    again = Lexical.load(tmp_path / "x")
+    new = ["red cake stand for christmas", "zzz unknown words"]
+    np.testing.assert_allclose(again.transform(new), lex.transform(new), atol=0)
+    assert not again.transform(["zzz"]).any()  # no known term: a zero row, not NaN
+    assert Lexical.fit(TEXTS, max_features=1000, dim=10_000).components is None  # dim >= vocabulary: unprojected
+    model, tok = tiny_bert()
+    meta = {"kind": "fusion", "model_version": "lsa-0", "pooling": "mean", "max_length": 64, "dim": 32 + 3,
+            "lexical": {"dense_weight": 0.6}}  # fmt: skip
+    d = save_export(tmp_path / "f", meta, model=model, tokenizer=tok, lexical=lex)
+    assert read_meta(d)["lexical"] == {"vocab_size": lex.vocab_size, "dim": 3, "projection": "tfidf-lsa", "dense_weight": 0.6}
+    texts = ["red retrospot cake stand", "christmas lights"]
+    text_vec = np.hstack([0.6 * unit(reference(model, tok, texts)), 0.8 * lex.transform(texts)])
+    np.testing.assert_allclose(load_encoder(d, device="cpu").embed(texts), text_vec, atol=1e-5)
+
+
 def test_fusion_with_lexical_block_concatenates_weighted_unit_blocks(tmp_path):
     from common.lexical import Lexical
 
