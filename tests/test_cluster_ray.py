@@ -142,6 +142,7 @@ MLM_ARGS = ["--preset", "tiny", "--max-steps", "20", "--workers", "1", "--set", 
 FUSION_ARGS = ["--kind", "fusion", "--workers", "1", "--epochs", "1", "--pairs", "2000"]
 
 
+@pytest.mark.timeout(1500)  # many jobs in one test; pyproject's 600 s is per test
 def test_trainers_on_a_ray_cluster(head, isolated_python, slice_lake, tmp_path):
     env, temp_dir = head
     lake = tmp_path / "lake"
@@ -184,6 +185,7 @@ def test_trainers_on_a_ray_cluster(head, isolated_python, slice_lake, tmp_path):
     assert len(export_shape(Path(lake, "models", "c-mlm"))["tensors"]) > 10
 
 
+@pytest.mark.timeout(1500)  # many jobs in one test; pyproject's 600 s is per test
 def test_killed_worker_recovers_from_its_last_checkpoint(head, isolated_python, slice_lake, tmp_path):
     env, temp_dir = head
     lake = tmp_path / "lake"

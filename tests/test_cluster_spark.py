@@ -198,6 +198,7 @@ def logged_files(lake: str, name: str) -> set[str]:
     return paths
 
 
+@pytest.mark.timeout(1500)  # many jobs in one test; pyproject's 600 s is per test
 def test_every_spark_job_on_a_standalone_cluster(standalone, inputs, isolated_python, data_slice, slice_lake,
                                                  tmp_path):  # fmt: skip
     cluster_lake, local_lake = str(tmp_path / "cluster-lake"), str(tmp_path / "local-lake")
