@@ -160,32 +160,6 @@ def check_init_tokenizer(init: str, shards_tokenizer_dir: str, tokenizer_hash: s
         )
 
 
-def _masked_lm_loss_module() -> Any:
-    import torch
-    import torch.nn.functional as F
-
-    class MaskedLMLoss(torch.nn.Module):
-        """Sum of the NLL over masked positions; the vocabulary projection runs on masked positions
-        only (~15% of tokens) instead of every token, which BertForMaskedLM.forward would do."""
-
-        def __init__(self, mlm: Any) -> None:
-            super().__init__()
-            self.mlm = mlm
-
-        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-            hidden = self.mlm.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-            selected = labels != -100
-            logits = self.mlm.cls(hidden[selected])
-            return F.cross_entropy(logits.float(), labels[selected], reduction="sum")
-
-    return MaskedLMLoss
-
-
-def MaskedLMLoss(mlm: Any) -> Any:  # noqa: N802 - a class built lazily so importing this module needs no torch
-    """Wrap a ``BertForMaskedLM``: ``forward(input_ids, attention_mask, labels) -> summed NLL``."""
-    return _masked_lm_loss_module()(mlm)
-
-
 # ---------------------------------------------------------------------------------------- one step
 def _dist() -> tuple[Any, int]:
     import torch.distributed as dist
@@ -257,6 +231,8 @@ def evaluate_nll(mlm: Any, batches: Sequence[dict[str, Any]], device: Any) -> tu
     """(summed NLL, masked-token count) over fixed masked batches, summed over all workers."""
     import torch
 
+    from ray_train.losses import MaskedLMLoss
+
     loss_module = MaskedLMLoss(mlm)
     was_training = mlm.training
     mlm.eval()
@@ -301,6 +277,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import torch
 
     from ray_train.data import MaskingCollator, SpecialTokens, arrow_to_seqs, fixed_masked_batches, load_tokenizer
+    from ray_train.losses import MaskedLMLoss
     from ray_train.optim import build_optimizer, build_scheduler
     from ray_train.runtime import load_resume_state
 
