@@ -56,6 +56,7 @@ table; at ~10^4-10^5 items dense gloo all-reduce is cheaper than the bookkeeping
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import shutil
 import sys
@@ -126,6 +127,8 @@ class ItemsConfig(JobConfig):
     max_failures: int = option(1, "worker failures Ray Train recovers from (restart from the last checkpoint); -1 = always")
     restart: bool = option(False, "discard the run's checkpoints and start over instead of resuming")
     text_template: str = option(DEFAULT_TEMPLATE, "item text template (common.text.render fields)")
+    smoke_test: bool = option(False, "check the set-up end to end in seconds: 4 batches of 16 pairs per worker (fusion: "
+                              "2 steps), small vectors, a fresh run named <run>-smoke (as Ray's examples' --smoke-test)")  # fmt: skip
 
     def validate(self) -> None:
         super().validate()
@@ -166,6 +169,17 @@ class ItemsConfig(JobConfig):
     @property
     def name(self) -> str:
         return self.run_name or f"items-{self.kind}"
+
+    def smoke(self) -> ItemsConfig:
+        """The ``--smoke-test`` run: what a quick end-to-end check needs, the rest as configured."""
+        batch = 16
+        cfg = dataclasses.replace(
+            self, smoke_test=False, run_name=f"{self.name}-smoke", restart=True, epochs=1, batch_size=batch,
+            pairs=4 * batch * self.workers, text_steps=2, dim=min(self.dim, 16), max_length=min(self.max_length, 16),
+            id_epochs=min(self.id_epochs, 1), id_batch_size=batch,
+        )  # fmt: skip
+        cfg.validate()
+        return cfg
 
     def resolved(self) -> dict[str, Any]:
         """Hyperparameters with the kind-specific defaults filled in (what the workers get)."""
@@ -235,6 +249,8 @@ def train_items(cfg: ItemsConfig) -> dict[str, Any]:
     from ray_train.pairs import item_frequencies, pair_dataset
     from ray_train.runtime import build_trainer, read_export_meta
 
+    if cfg.smoke_test:
+        cfg = cfg.smoke()
     hp = cfg.resolved()
     inputs = lk.input_versions(cfg.lake, INPUT_TABLES)
     for t in ("sessions", "cooccurrence") + (("catalog",) if cfg.kind == "fusion" else ()):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import logging
 import math
 import shutil
@@ -80,6 +81,8 @@ class MLMConfig(JobConfig):
     log_interval: int = option(10, "steps between training log lines")
     stop_at_step: int = option(0, "stop (checkpointed, no export) at this step, as if interrupted; 0 = off")
     shards_version: int | None = option(None, "text_shards Delta version to read; unset = latest")
+    smoke_test: bool = option(False, "check the set-up end to end in seconds: tiny preset from scratch, 2 steps of 8 "
+                              "sequences, a fresh run named <run>-smoke (as Ray's examples' --smoke-test)")  # fmt: skip
 
     def validate(self) -> None:
         super().validate()
@@ -111,6 +114,16 @@ class MLMConfig(JobConfig):
     @property
     def name(self) -> str:
         return self.run_name or f"mlm-{Path(self.init).name if self.init else self.preset}"
+
+    def smoke(self) -> MLMConfig:
+        """The ``--smoke-test`` run: what a quick end-to-end check needs, the rest as configured."""
+        cfg = dataclasses.replace(
+            self, smoke_test=False, preset="tiny", init=None, run_name=f"{self.name}-smoke", restart=True, max_steps=2,
+            warmup_steps=0, batch_size=8, grad_accum=1, eval_interval=1, max_eval_rows=64, log_interval=1, patience=0,
+            stop_at_step=0, compile=False,
+        )  # fmt: skip
+        cfg.validate()
+        return cfg
 
 
 # -------------------------------------------------------------------------------------------- model
@@ -263,6 +276,8 @@ def train_mlm(cfg: MLMConfig) -> dict[str, Any]:
     from ray_train.mlm_loop import MLMWorkerConfig, train_loop_per_worker
     from ray_train.runtime import build_trainer, scaled_warmup
 
+    if cfg.smoke_test:
+        cfg = cfg.smoke()
     info = shards_info(cfg.lake, cfg.shards_version)
     if cfg.init:
         check_init_tokenizer(cfg.init, info.tokenizer_dir, info.tokenizer_hash)
