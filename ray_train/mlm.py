@@ -7,7 +7,11 @@ directory (``--init DIR``, e.g. all-MiniLM-L6-v2; a fresh MLM head tied to its e
 
 Run it as ``prodrep train-mlm --lake L ...``, ``python -m ray_train.mlm --lake L ...`` or
 ``ray job submit -- python -m ray_train.mlm --lake L ...`` (joins the cluster via RAY_ADDRESS).
-Re-running with the same ``--run-name`` resumes from the run's last checkpoint in ``<lake>/_ray``.
+Re-running with the same ``--run-name`` resumes from the run's last checkpoint in ``<lake>/_ray``;
+``--smoke-test`` checks the whole path in two tiny steps.
+
+Here: the config, the model, one optimizer step (:func:`train_step`), perplexity, the driver and the
+CLI; the worker loop, its typed config and its checkpointed state are in :mod:`ray_train.mlm_loop`.
 """
 
 from __future__ import annotations
