@@ -181,10 +181,9 @@ class ItemsConfig(JobConfig):
         cfg.validate()
         return cfg
 
-    def resolved(self) -> dict[str, Any]:
-        """Hyperparameters with the kind-specific defaults filled in (what the workers get)."""
+    def resolved(self) -> ItemsConfig:
+        """This config with the kind-specific defaults filled in where a field is unset (None)."""
         fusion = self.kind == "fusion"
-        d = self.to_dict()
         defaults = {
             "pairs": 20_000 if fusion else 2_000_000,
             "batch_size": 64 if fusion else 2048,
@@ -194,10 +193,7 @@ class ItemsConfig(JobConfig):
             "max_pairs_per_item": 40 if fusion else 0,
             "subsample": 0.0 if fusion else 1e-3,
         }
-        for k, v in defaults.items():
-            if d.get(k) is None:
-                d[k] = v
-        return d
+        return dataclasses.replace(self, **{k: v for k, v in defaults.items() if getattr(self, k) is None})
 
 
 # ============================================================================================ driver
@@ -260,12 +256,11 @@ def train_items(cfg: ItemsConfig) -> dict[str, Any]:
     ensure_ray()
     vocab = item_frequencies(cfg.lake, inputs["sessions"])
     pairs = pair_dataset(
-        cfg.lake, vocab, n_pairs=int(hp["pairs"]),
-        signal=hp["pair_signal"], power=cfg.pair_power, subsample=float(hp["subsample"]),
-        max_pairs_per_item=int(hp["max_pairs_per_item"]), seed=cfg.seed, version=inputs["cooccurrence"],
+        cfg.lake, vocab, n_pairs=hp.pairs, signal=hp.pair_signal, power=cfg.pair_power, subsample=hp.subsample,
+        max_pairs_per_item=hp.max_pairs_per_item, seed=cfg.seed, version=inputs["cooccurrence"],
     )  # fmt: skip
     n_pairs = pairs.count()
-    if n_pairs < int(hp["batch_size"]) * cfg.workers:
+    if n_pairs < hp.batch_size * cfg.workers:
         raise InputError(f"only {n_pairs} training pairs sampled from cooccurrence: raise --pairs or lower --batch-size")
     log.info("train-items %s: %d items, %d pairs per epoch, %d worker(s)", cfg.kind, len(vocab), n_pairs, cfg.workers)
     datasets, split = _datasets(cfg, vocab, pairs, inputs)

@@ -21,8 +21,9 @@ log = logging.getLogger(__name__)
 class ItemsWorkerConfig:
     """Everything a worker needs: the job's settings plus what the driver resolved for it.
 
-    Read hyperparameters from ``job``, except the fields below that resolve its unset, kind-specific
-    defaults (:meth:`ItemsConfig.resolved`) and the facts only the driver knows."""
+    Read hyperparameters from ``job`` (as given: it is what the export records), except the fields
+    below: its unset, kind-specific defaults resolved (:meth:`ItemsConfig.resolved`) and the facts
+    only the driver knows."""
 
     job: ItemsConfig
     pairs: int  # pairs actually sampled per epoch
@@ -38,8 +39,7 @@ class ItemsWorkerConfig:
     @classmethod
     def from_job(cls, job: ItemsConfig, **driver_facts: Any) -> ItemsWorkerConfig:
         hp = job.resolved()
-        return cls(job=job, batch_size=int(hp["batch_size"]), lr=float(hp["lr"]),
-                   text_steps=None if hp["text_steps"] is None else int(hp["text_steps"]), threads=job.cpus_per_worker,
+        return cls(job=job, batch_size=hp.batch_size, lr=hp.lr, text_steps=hp.text_steps, threads=job.cpus_per_worker,
                    **driver_facts)  # fmt: skip
 
 
