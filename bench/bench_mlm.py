@@ -147,7 +147,8 @@ def gpu_bench(args) -> None:
     import torch
 
     from ray_train.data import MaskingCollator, SpecialTokens
-    from ray_train.mlm import MaskedLMLoss, build_model, train_step
+    from ray_train.losses import MaskedLMLoss
+    from ray_train.mlm import build_model, train_step
     from ray_train.optim import build_optimizer, build_scheduler
 
     dev = torch.device(args.device)

@@ -40,9 +40,10 @@
   cold items gained nothing; and a few hundred encoder steps cover far too few pairs to train ~10^4
   ID vectors.
 
-The driver (:func:`train_items`) prepares Ray Datasets (pairs, item texts) and builds the
-``TorchTrainer``; :func:`train_loop_per_worker` trains; rank 0 writes ``<lake>/models/<run>/`` with
-:func:`common.models.save_export` (``prodrep.json`` + HF dir [+ ``id_embeddings.parquet``], or
+The driver (:func:`train_items`, here) prepares Ray Datasets (pairs, item texts) and builds the
+``TorchTrainer``; :func:`ray_train.items_loop.train_loop_per_worker` trains (the id kind's model and
+step in :mod:`ray_train.items_id`, fusion's two stages in :mod:`ray_train.items_fusion`); rank 0
+writes ``<lake>/models/<run>/`` with :func:`common.models.save_export` (``prodrep.json`` + HF dir [+ ``id_embeddings.parquet``], or
 ``item_vectors.parquet`` for ``id``).
 
 GPU: pass ``--gpu`` (one GPU per worker; ``ray.train.torch.get_device``); raise ``--batch-size`` (512-2048
@@ -55,11 +56,10 @@ table; at ~10^4-10^5 items dense gloo all-reduce is cheaper than the bookkeeping
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
-import math
 import shutil
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Sequence
@@ -69,7 +69,6 @@ import numpy as np
 from common.command import Command, job_main
 from common.config import ConfigError, InputError, JobConfig, option
 from common.text import DEFAULT_TEMPLATE
-from ray_train.data import pad_batch
 
 STATE_FILE = "state.pt"  # training state inside each Ray checkpoint dir
 
@@ -128,6 +127,8 @@ class ItemsConfig(JobConfig):
     max_failures: int = option(1, "worker failures Ray Train recovers from (restart from the last checkpoint); -1 = always")
     restart: bool = option(False, "discard the run's checkpoints and start over instead of resuming")
     text_template: str = option(DEFAULT_TEMPLATE, "item text template (common.text.render fields)")
+    smoke_test: bool = option(False, "check the set-up end to end in seconds: 4 batches of 16 pairs per worker (fusion: "
+                              "2 steps), small vectors, a fresh run named <run>-smoke (as Ray's examples' --smoke-test)")  # fmt: skip
 
     def validate(self) -> None:
         super().validate()
@@ -169,10 +170,20 @@ class ItemsConfig(JobConfig):
     def name(self) -> str:
         return self.run_name or f"items-{self.kind}"
 
-    def resolved(self) -> dict[str, Any]:
-        """Hyperparameters with the kind-specific defaults filled in (what the workers get)."""
+    def smoke(self) -> ItemsConfig:
+        """The ``--smoke-test`` run: what a quick end-to-end check needs, the rest as configured."""
+        batch = 16
+        cfg = dataclasses.replace(
+            self, smoke_test=False, run_name=f"{self.name}-smoke", restart=True, epochs=1, batch_size=batch,
+            pairs=4 * batch * self.workers, text_steps=2, dim=min(self.dim, 16), max_length=min(self.max_length, 16),
+            id_epochs=min(self.id_epochs, 1), id_batch_size=batch,
+        )  # fmt: skip
+        cfg.validate()
+        return cfg
+
+    def resolved(self) -> ItemsConfig:
+        """This config with the kind-specific defaults filled in where a field is unset (None)."""
         fusion = self.kind == "fusion"
-        d = self.to_dict()
         defaults = {
             "pairs": 20_000 if fusion else 2_000_000,
             "batch_size": 64 if fusion else 2048,
@@ -182,398 +193,7 @@ class ItemsConfig(JobConfig):
             "max_pairs_per_item": 40 if fusion else 0,
             "subsample": 0.0 if fusion else 1e-3,
         }
-        for k, v in defaults.items():
-            if d.get(k) is None:
-                d[k] = v
-        return d
-
-
-# ============================================================================================ models
-def _torch_modules():
-    """Model classes, built lazily so importing this module (CLI --help) does not import torch."""
-    import torch
-    import torch.nn.functional as F
-    from torch import nn
-
-    from common.models import pool
-    from ray_train.losses import NegativeSampler, info_nce, sgns_loss
-
-    class SkipGram(nn.Module):
-        """word2vec's two tables: input vectors (exported) and output (context) vectors."""
-
-        def __init__(self, n_items: int, dim: int, seed: int):
-            super().__init__()
-            g = torch.Generator().manual_seed(seed)
-            self.inp = nn.Embedding(n_items, dim)
-            self.out = nn.Embedding(n_items, dim)
-            with torch.no_grad():
-                self.inp.weight.uniform_(-0.5 / dim, 0.5 / dim, generator=g)
-                self.out.weight.zero_()
-
-        def forward(self, a, b, neg):
-            return sgns_loss(self.inp(a), self.out(b), self.out(neg))
-
-    class TextTower(nn.Module):
-        """Text encoder + pooling -> L2-normalised item vectors (fusion stage 1)."""
-
-        def __init__(self, encoder, pooling: str, temperature: float, learn_temperature: bool):
-            super().__init__()
-            self.encoder = encoder
-            self.pooling = pooling
-            scale = torch.tensor(math.log(1.0 / temperature))
-            if learn_temperature:
-                self.log_scale = nn.Parameter(scale)
-            else:
-                self.register_buffer("log_scale", scale)
-
-        def temperature(self):
-            return 1.0 / self.log_scale.clamp(max=math.log(100.0)).exp()
-
-        def pooled(self, input_ids, attention_mask):
-            """Un-normalised pooled vectors: what common.models.TextEncoder adds the ID vector to."""
-            hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (batch, seq, dim)
-            return pool(hidden, attention_mask, self.pooling)  # (batch, dim)
-
-        def forward(self, input_ids, attention_mask):
-            return F.normalize(self.pooled(input_ids, attention_mask), dim=-1)
-
-    class IdResidual(nn.Module):
-        """Fusion stage 2: zero-initialised ID vectors added to the frozen pooled text vectors.
-
-        ``text`` is a plain attribute (not a buffer) so DDP neither broadcasts nor syncs it: every
-        worker computed the same matrix."""
-
-        def __init__(self, text):
-            super().__init__()
-            self.text = text
-            self.emb = nn.Embedding(text.shape[0], text.shape[1])
-            nn.init.zeros_(self.emb.weight)
-
-        def forward(self, a, b, keep_a, keep_b):
-            q = self.text[a] + self.emb(a) * keep_a.unsqueeze(-1)
-            d = self.text[b] + self.emb(b) * keep_b.unsqueeze(-1)
-            return F.normalize(q, dim=-1), F.normalize(d, dim=-1)
-
-    return torch, SkipGram, TextTower, IdResidual, NegativeSampler, info_nce
-
-
-# ====================================================================================== worker loop
-def _items_table(name: str):
-    """The whole (unsplit) auxiliary dataset as pandas on this worker."""
-    import pandas as pd
-    import ray.train
-
-    it = ray.train.get_dataset_shard(name)
-    parts = list(it.iter_batches(batch_size=65536, batch_format="pandas"))
-    return pd.concat(parts, ignore_index=True).sort_values("idx", ignore_index=True)
-
-
-def _pool_all(tower: Any, token_ids: list[np.ndarray], pad_id: int, device: Any, rank: int, world: int, batch: int = 256):
-    """Pooled (un-normalised) text vectors of every item: each worker embeds a contiguous slice, then
-    an all-gather gives every worker the whole matrix (identical on all workers)."""
-    import torch
-
-    from ray_train.losses.infonce import _distributed
-
-    n = len(token_ids)
-    per = -(-n // world)
-    lo, hi = min(n, rank * per), min(n, (rank + 1) * per)
-    hidden = int(tower.encoder.config.hidden_size)
-    out = torch.zeros(per, hidden, device=device)
-    tower.eval()
-    with torch.no_grad():
-        order = sorted(range(lo, hi), key=lambda i: len(token_ids[i]))  # little padding per batch
-        for s in range(0, len(order), batch):
-            idx = order[s : s + batch]
-            ids, mask = pad_batch([token_ids[i] for i in idx], pad_id, multiple_of=1)
-            out[torch.as_tensor(idx) - lo] = tower.pooled(ids.to(device), mask.to(device)).float()
-    if _distributed():
-        import torch.distributed as dist
-
-        parts = [torch.empty_like(out) for _ in range(world)]
-        dist.all_gather(parts, out.contiguous())
-        out = torch.cat(parts)
-    return out[:n].detach()
-
-
-def _propagate(text: Any, config: dict[str, Any], device: Any) -> Any:
-    """``id_beta * D^-1 W T``: for every item with history, the co-occurrence-weighted mean of its
-    neighbours' pooled text vectors (W = the cooccurrence ``weight`` column, train sessions only).
-
-    A distributed sparse x dense product: each worker streams its share of the cooccurrence rows
-    (``cooc`` dataset, split across workers), accumulates ``W T`` and the row sums, and one
-    all-reduce adds the shares. Items without co-occurrences get zero (text alone)."""
-    import ray.train
-    import torch
-
-    from ray_train.losses.infonce import _distributed
-
-    n, h = text.shape
-    acc = torch.zeros(n, h, dtype=torch.float64, device=device)
-    mass = torch.zeros(n, dtype=torch.float64, device=device)
-    t64 = text.double()
-    for batch in ray.train.get_dataset_shard("cooc").iter_torch_batches(batch_size=262_144):
-        a = batch["a"].long().to(device)
-        b = batch["b"].long().to(device)
-        w = batch["w"].double().to(device)
-        # sparse x dense: gathering t64[b] would materialise (rows x dim) floats, gigabytes per batch
-        part = torch.sparse_coo_tensor(torch.stack([a, b]), w, (n, n)).coalesce()
-        acc += torch.sparse.mm(part, t64)
-        mass.index_add_(0, a, w)
-    if _distributed():
-        import torch.distributed as dist
-
-        dist.all_reduce(acc)
-        dist.all_reduce(mass)
-    out = float(config["id_beta"]) * acc / mass.clamp(min=1e-12)[:, None]
-    return out.float()
-
-
-def _linear_schedule(opt: Any, total: int, warm: int) -> Any:
-    import torch
-
-    return torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warm if s < warm else max(0.0, 1.0 - (s - warm) / max(1, total - warm))
-    )
-
-
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Per-worker training: read this worker's share of pairs, train with DDP, rank 0 exports.
-
-    fusion: stage 1 fine-tunes the text tower (in-batch InfoNCE, negatives gathered across workers);
-    stage 2 freezes it, pools every item's text once and trains the ID vectors on top (see module doc).
-    """
-    import ray.train
-    import ray.train.torch
-    from tqdm.auto import tqdm
-
-    from ray_train.runtime import load_resume_state, report_checkpoint
-
-    torch, SkipGram, TextTower, IdResidual, NegativeSampler, info_nce = _torch_modules()
-    torch.set_num_threads(int(config["threads"]))
-    torch.manual_seed(int(config["seed"]))
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    items = _items_table("items")
-    n_items = len(items)
-    shard = ray.train.get_dataset_shard("train")
-    fusion = config["kind"] == "fusion"
-    bs = int(config["batch_size"])
-    seed = int(config["seed"])
-    total_steps = max(1, int(config["pairs"]) // (bs * world)) * int(config["epochs"])
-    if fusion and config.get("text_steps"):
-        total_steps = min(total_steps, int(config["text_steps"]))
-
-    tok, id_table, lexical = None, None, None
-    if fusion:
-        from transformers import AutoModel, AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(config["init"])
-        encoder = AutoModel.from_pretrained(config["init"])
-        for name, p in encoder.named_parameters():
-            if name.startswith("pooler."):
-                p.requires_grad_(False)  # mean/CLS pooling of the last hidden state: the pooler is unused
-        enc = tok(list(items["text"]), truncation=True, max_length=int(config["max_length"]), return_attention_mask=False,
-                  return_token_type_ids=False)  # fmt: skip
-        token_ids = [np.asarray(x, dtype=np.int64) for x in enc["input_ids"]]
-        pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-        lexical = _fit_lexical(items, config)
-        raw = TextTower(encoder, config["pooling"], float(config["temperature"]), bool(config["learn_temperature"]))
-        model = ray.train.torch.prepare_model(raw)
-        opt = torch.optim.AdamW([p for p in raw.parameters() if p.requires_grad], lr=float(config["lr"]), weight_decay=0.01)
-        warm = int(float(config["warmup"]) * total_steps)
-    else:
-        raw = SkipGram(n_items, int(config["dim"]), seed)
-        model = ray.train.torch.prepare_model(raw)
-        summed_loss = config["id_optimizer"] == "sgd"
-        if summed_loss:
-            # word2vec's recipe: plain SGD on the summed per-pair loss with a linearly decaying rate
-            opt = torch.optim.SGD(model.parameters(), lr=float(config["lr"]))
-        else:
-            # Batched word2vec with SGD on the summed loss adds up every occurrence of a row in the
-            # batch: a popular item drawn as a negative a few hundred times per 2,048-pair batch moves
-            # by hundreds x lr in one step (word2vec avoids this by updating pair by pair).
-            opt = torch.optim.Adam(model.parameters(), lr=float(config["lr"]))
-        sampler = NegativeSampler(items["freq"].to_numpy(), float(config["neg_alpha"]), seed=seed * 1000 + rank)
-        warm = 0
-    sched = _linear_schedule(opt, total_steps, warm)
-    step, seen, t0, first_epoch = 0, 0, time.perf_counter(), 0
-    history: list[dict[str, Any]] = []
-    st = load_resume_state(config, STATE_FILE, lambda s: int(s["step"]))
-    if st is not None:  # every worker loads the same state, so DDP replicas stay identical
-        raw.load_state_dict(st["model"])
-        opt.load_state_dict(st["optimizer"])
-        sched.load_state_dict(st["scheduler"])
-        step, seen, history, first_epoch = st["step"], st["seen"], st["history"], st["epoch"] + 1
-        if rank == 0:
-            log.info("resuming %s after epoch %d (step %d)", config["run_name"], st["epoch"], step)
-    for epoch in range(first_epoch, int(config["epochs"])):
-        if step >= total_steps:
-            break
-        model.train()
-        run_loss, run_n = 0.0, 0
-        batches = shard.iter_torch_batches(batch_size=bs, drop_last=True, local_shuffle_buffer_size=bs * 8,
-                                           local_shuffle_seed=seed + epoch)  # fmt: skip
-        for batch in tqdm(batches, desc=f"epoch {epoch}", disable=rank != 0, mininterval=10, unit="batch"):
-            if step >= total_steps:
-                break  # equal split rounds shards differently: every worker stops at the same step
-            a = batch["a"].long()
-            b = batch["b"].long()
-            if fusion:
-                uniq, inv = torch.unique(torch.cat([a, b]), return_inverse=True)
-                ids, mask = pad_batch([token_ids[i] for i in uniq.tolist()], pad_id, multiple_of=1)
-                v = model(ids.to(device), mask.to(device))
-                q, d = v[inv[: len(a)]], v[inv[len(a) :]]
-                loss = info_nce(q, d, raw.temperature(), symmetric=True, gather=True, q_ids=a.to(device), d_ids=b.to(device))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            else:
-                neg = sampler.sample(len(a), int(config["negatives"]))
-                loss = model(a.to(device), b.to(device), neg.to(device))
-                opt.zero_grad(set_to_none=True)
-                # sgd: summed loss, each pair moves its rows by ~lr as in word2vec; adam: the mean
-                (loss * len(a) if summed_loss else loss).backward()
-            opt.step()
-            sched.step()
-            step += 1
-            seen += len(a) * world
-            run_loss += float(loss.detach())
-            run_n += 1
-        elapsed = time.perf_counter() - t0
-        rec = {"epoch": epoch, "step": step, "loss": run_loss / max(1, run_n), "pairs_seen": seen,
-               "pairs_per_s": seen / max(elapsed, 1e-9), "elapsed_s": elapsed}  # fmt: skip
-        if fusion:
-            rec["temperature"] = float(raw.temperature())
-        history.append(rec)
-        state = None
-        if rank == 0:
-            state = dict(model=raw.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(), step=step,
-                         seen=seen, epoch=epoch, history=history)  # fmt: skip
-        report_checkpoint(rec, rank, state, STATE_FILE)
-    if step == 0:
-        raise InputError("no training batch: the pair sample is smaller than one batch per worker; raise --pairs or lower --batch-size")
-    final = dict(history[-1], first_epoch_loss=history[0]["loss"])
-    if fusion and config["id_embeddings"]:
-        id_table, id_stats = _train_id_stage(config, raw, token_ids, pad_id, shard, device, rank, world, IdResidual,
-                                             info_nce, lexical, list(items["text"]))  # fmt: skip
-        final.update(id_stats)
-        final["elapsed_s"] = time.perf_counter() - t0
-    model_dir = _export(raw, tok, items, config, final, id_table, lexical) if rank == 0 else None
-    ray.train.report({**final, "model_dir": model_dir, "exported": True})  # every worker reports (V2 barrier)
-
-
-def _fit_lexical(items: Any, config: dict[str, Any]) -> Any:
-    """The TF-IDF block (:mod:`common.lexical`) on the items' text; None when switched off. Every
-    worker fits the same one (deterministic, and far cheaper than shipping it)."""
-    from common.lexical import Lexical
-
-    n = int(config.get("lexical_features") or 0)
-    if n == 0 or float(config.get("dense_weight", 1.0)) >= 1.0:
-        return None
-    return Lexical.fit(list(items["text"]), max_features=n, dim=int(config.get("lexical_dim") or 0), seed=int(config.get("seed") or 0))
-
-
-def _train_id_stage(config, tower, token_ids, pad_id, shard, device, rank, world, IdResidual, info_nce, lexical, texts):
-    """Fusion stage 2: frozen text vectors, learned ID residuals. Returns (ID matrix, metrics)."""
-    import ray.train
-    import ray.train.torch
-    import torch
-    from tqdm.auto import tqdm
-
-    from common.lexical import text_vectors
-
-    t0 = time.perf_counter()
-    pooled = _pool_all(tower, token_ids, pad_id, device, rank, world)
-    # the text vector inference will compute (TextEncoder.embed): normalised dense [+ lexical block]
-    text = torch.from_numpy(text_vectors(pooled.cpu().numpy(), lexical, texts, float(config["dense_weight"]))).to(device)
-    pool_s = time.perf_counter() - t0
-    raw = IdResidual(text)
-    stats: dict[str, Any] = {"text_pool_s": pool_s}
-    if config["id_init"] == "propagate":
-        t1 = time.perf_counter()
-        init = _propagate(text, config, device)
-        with torch.no_grad():
-            raw.emb.weight.copy_(init)
-        stats["propagate_s"] = time.perf_counter() - t1
-    if int(config["id_epochs"]) == 0:
-        return raw.emb.weight.detach().cpu().numpy().astype(np.float32), stats
-    model = ray.train.torch.prepare_model(raw)
-    bs = int(config["id_batch_size"])
-    total = max(1, int(config["pairs"]) // (bs * world)) * int(config["id_epochs"])
-    opt = torch.optim.Adam(model.parameters(), lr=float(config["id_lr"]))
-    sched = _linear_schedule(opt, total, 0)
-    tau = float(tower.temperature())
-    drop = float(config["id_dropout"])
-    gen = torch.Generator().manual_seed(int(config["seed"]) * 7919 + rank)
-    step, seen, losses, t1 = 0, 0, [], time.perf_counter()
-    for epoch in range(int(config["id_epochs"])):
-        run_loss, run_n = 0.0, 0
-        batches = shard.iter_torch_batches(batch_size=bs, drop_last=True, local_shuffle_buffer_size=bs * 4,
-                                           local_shuffle_seed=int(config["seed"]) + 100 + epoch)  # fmt: skip
-        for batch in tqdm(batches, desc=f"id epoch {epoch}", disable=rank != 0, mininterval=10, unit="batch"):
-            if step >= total:
-                break
-            a, b = batch["a"].long().to(device), batch["b"].long().to(device)
-            # Dropping a side's ID vector trains "text alone -> item with history" retrieval, which is
-            # exactly what a cold query does at serving time.
-            keep_a = (torch.rand(len(a), generator=gen) >= drop).float().to(device)
-            keep_b = (torch.rand(len(b), generator=gen) >= drop).float().to(device)
-            q, d = model(a, b, keep_a, keep_b)
-            loss = info_nce(q, d, tau, symmetric=True, gather=True, q_ids=a, d_ids=b)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            step += 1
-            seen += len(a) * world
-            run_loss += float(loss.detach())
-            run_n += 1
-        losses.append(run_loss / max(1, run_n))
-        ray.train.report({"id_epoch": epoch, "id_step": step, "id_loss": losses[-1]})
-    elapsed = time.perf_counter() - t1
-    stats.update(id_loss=losses[-1], id_first_epoch_loss=losses[0], id_steps=step, id_pairs_seen=seen,
-                 id_pairs_per_s=seen / max(elapsed, 1e-9))  # fmt: skip
-    return raw.emb.weight.detach().cpu().numpy().astype(np.float32), stats
-
-
-def _export(raw: Any, tok: Any, items: Any, config: dict[str, Any], final: dict[str, Any], id_table: Any = None,
-            lexical: Any = None) -> str:  # fmt: skip
-    """Rank 0 writes the export with :func:`common.models.save_export`, locally or to an object store
-    (:func:`ray_train.runtime.write_export`, as train-mlm does)."""
-    from common.models import new_model_version, save_export
-    from ray_train.runtime import write_export
-
-    target = config["export_dir"]
-    ids = list(items["item_id"])
-    meta = {
-        "kind": config["kind"],
-        "model_version": new_model_version(config["run_name"]),
-        "inputs": config["inputs"],
-        "metrics": {k: v for k, v in final.items() if isinstance(v, (int, float))},
-        "config": config["job_config"],
-        "text_template": config["text_template"],
-    }
-    if config["kind"] == "id":
-        mat = raw.inp.weight.detach().cpu().numpy().astype(np.float32)
-        mat /= np.maximum(np.linalg.norm(mat, axis=1, keepdims=True), 1e-12)
-        meta["dim"] = mat.shape[1]
-        return write_export(target, lambda local: save_export(local, meta, item_vectors=(ids, mat)))
-    meta.update(
-        dim=int(raw.encoder.config.hidden_size) + (lexical.size if lexical is not None else 0),
-        lexical={"dense_weight": float(config["dense_weight"])} if lexical is not None else None,
-        pooling=config["pooling"],
-        max_length=int(config["max_length"]),
-        tokenizer_hash=config.get("tokenizer_hash"),
-        init=config["init"],
-    )
-    id_emb = None
-    if id_table is not None:
-        trained = np.abs(id_table).sum(1) > 0  # items never sampled keep the zero init: text alone
-        id_emb = ([i for i, t in zip(ids, trained) if t], id_table[trained])
-    return write_export(target, lambda local: save_export(local, meta, model=raw.encoder, tokenizer=tok, id_embeddings=id_emb,
-                                                          lexical=lexical))  # fmt: skip
+        return dataclasses.replace(self, **{k: v for k, v in defaults.items() if getattr(self, k) is None})
 
 
 # ============================================================================================ driver
@@ -590,37 +210,17 @@ def _init_dir(cfg: ItemsConfig) -> tuple[str, str | None]:
     return str(init), meta.get("tokenizer_hash")
 
 
-def train_items(cfg: ItemsConfig) -> dict[str, Any]:
-    """Prepare pairs with Ray Data, run the ``TorchTrainer``, return the final metrics (+ model_dir)."""
+def _datasets(cfg: ItemsConfig, vocab: Any, pairs: Any, inputs: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """The trainer's Ray Datasets (pairs, the items table, fusion's cooccurrence weights) and the
+    names split across workers (the others are read whole by every worker)."""
     import ray.data
-    from ray.train import DataConfig
 
-    from common import lake as lk
-    from ray_train.cluster import ensure_ray
-    from ray_train.pairs import cooc_weights, item_frequencies, item_texts, pair_dataset
-    from ray_train.runtime import build_trainer
+    from ray_train.pairs import cooc_weights, item_texts
 
-    hp = cfg.resolved()
-    inputs = lk.input_versions(cfg.lake, INPUT_TABLES)
-    for t in ("sessions", "cooccurrence") + (("catalog",) if cfg.kind == "fusion" else ()):
-        if inputs[t] is None:
-            lk.delta_table(cfg.lake, t)  # raises the clear "run the stage that builds it" error
-    init, tok_hash = _init_dir(cfg) if cfg.kind == "fusion" else (None, None)
-    ensure_ray()
-    vocab = item_frequencies(cfg.lake, inputs["sessions"])
-    pairs = pair_dataset(
-        cfg.lake, vocab, n_pairs=int(hp["pairs"]),
-        signal=hp["pair_signal"], power=cfg.pair_power, subsample=float(hp["subsample"]),
-        max_pairs_per_item=int(hp["max_pairs_per_item"]), seed=cfg.seed, version=inputs["cooccurrence"],
-    )  # fmt: skip
-    n_pairs = pairs.count()
-    if n_pairs < int(hp["batch_size"]) * cfg.workers:
-        raise InputError(f"only {n_pairs} training pairs sampled from cooccurrence: raise --pairs or lower --batch-size")
     if cfg.kind == "fusion":
         table = item_texts(cfg.lake, vocab, cfg.text_template, inputs["catalog"])
     else:
         table = vocab[["idx", "item_id", "freq"]]
-    log.info("train-items %s: %d items, %d pairs per epoch, %d worker(s)", cfg.kind, len(vocab), n_pairs, cfg.workers)
     datasets = {"train": pairs, "items": ray.data.from_pandas(table)}
     split = ["train"]
     if cfg.kind == "fusion" and cfg.id_embeddings and cfg.id_init == "propagate":
@@ -632,30 +232,53 @@ def train_items(cfg: ItemsConfig) -> dict[str, Any]:
             # read whole once per worker: their progress bars would otherwise keep redrawing, from every
             # worker, over the training output for the rest of the run
             datasets[name].context.enable_progress_bars = False
-    loop_config = {
-        **hp,
-        "pairs": n_pairs,
-        "run_name": cfg.name,
-        "threads": cfg.cpus_per_worker,
-        "init": init,
-        "tokenizer_hash": tok_hash,
-        "export_dir": lk.artefact_dir(cfg.lake, "models", cfg.name),
-        "inputs": inputs,
-        "job_config": cfg.to_dict(),
-    }
+    return datasets, split
+
+
+def train_items(cfg: ItemsConfig) -> dict[str, Any]:
+    """Prepare pairs with Ray Data, run the ``TorchTrainer``, return the final metrics (+ model_dir)."""
+    from ray.train import DataConfig
+
+    from common import lake as lk
+    from ray_train.cluster import ensure_ray
+    from ray_train.items_loop import ItemsWorkerConfig, train_loop_per_worker
+    from ray_train.pairs import item_frequencies, pair_dataset
+    from ray_train.runtime import build_trainer, read_export_meta
+
+    if cfg.smoke_test:
+        cfg = cfg.smoke()
+    hp = cfg.resolved()
+    inputs = lk.input_versions(cfg.lake, INPUT_TABLES)
+    for t in ("sessions", "cooccurrence") + (("catalog",) if cfg.kind == "fusion" else ()):
+        if inputs[t] is None:
+            lk.delta_table(cfg.lake, t)  # raises the clear "run the stage that builds it" error
+    init, tok_hash = _init_dir(cfg) if cfg.kind == "fusion" else (None, None)
+    ensure_ray()
+    vocab = item_frequencies(cfg.lake, inputs["sessions"])
+    pairs = pair_dataset(
+        cfg.lake, vocab, n_pairs=hp.pairs, signal=hp.pair_signal, power=cfg.pair_power, subsample=hp.subsample,
+        max_pairs_per_item=hp.max_pairs_per_item, seed=cfg.seed, version=inputs["cooccurrence"],
+    )  # fmt: skip
+    n_pairs = pairs.count()
+    if n_pairs < hp.batch_size * cfg.workers:
+        raise InputError(f"only {n_pairs} training pairs sampled from cooccurrence: raise --pairs or lower --batch-size")
+    log.info("train-items %s: %d items, %d pairs per epoch, %d worker(s)", cfg.kind, len(vocab), n_pairs, cfg.workers)
+    datasets, split = _datasets(cfg, vocab, pairs, inputs)
+    worker = ItemsWorkerConfig.from_job(
+        cfg, pairs=n_pairs, init=init, tokenizer_hash=tok_hash, export_dir=lk.artefact_dir(cfg.lake, "models", cfg.name),
+        inputs=inputs,
+    )  # fmt: skip
     storage = lk.artefact_dir(cfg.lake, "_ray")
     if cfg.restart and not lk.is_remote(storage):
         shutil.rmtree(Path(storage) / cfg.name, ignore_errors=True)
     trainer = build_trainer(
-        train_loop_per_worker, loop_config, run_name=cfg.name, storage=storage, workers=cfg.workers, gpu=cfg.gpu,
+        train_loop_per_worker, worker, run_name=cfg.name, storage=storage, workers=cfg.workers, gpu=cfg.gpu,
         cpus_per_worker=cfg.cpus_per_worker, datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=split),  # every worker needs every item's text
         keep_checkpoints=cfg.keep_checkpoints, max_failures=cfg.max_failures,
     )
     trainer.fit()
-    from ray_train.runtime import read_export_meta
-
-    export_dir = loop_config["export_dir"]
+    export_dir = worker.export_dir
     meta = read_export_meta(export_dir)  # V2 results carry metrics only with checkpoints: the export has them
     metrics = dict(meta.get("metrics") or {})
     metrics.update(model_dir=export_dir, model_version=meta.get("model_version"))

@@ -7,23 +7,25 @@ directory (``--init DIR``, e.g. all-MiniLM-L6-v2; a fresh MLM head tied to its e
 
 Run it as ``prodrep train-mlm --lake L ...``, ``python -m ray_train.mlm --lake L ...`` or
 ``ray job submit -- python -m ray_train.mlm --lake L ...`` (joins the cluster via RAY_ADDRESS).
-Re-running with the same ``--run-name`` resumes from the run's last checkpoint in ``<lake>/_ray``.
+Re-running with the same ``--run-name`` resumes from the run's last checkpoint in ``<lake>/_ray``;
+``--smoke-test`` checks the whole path in two tiny steps.
+
+Here: the config, the model, one optimizer step (:func:`train_step`), perplexity, the driver and the
+CLI; the worker loop, its typed config and its checkpointed state are in :mod:`ray_train.mlm_loop`.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import json
+import dataclasses
 import logging
 import math
-import os
 import shutil
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Literal, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
 
@@ -83,6 +85,8 @@ class MLMConfig(JobConfig):
     log_interval: int = option(10, "steps between training log lines")
     stop_at_step: int = option(0, "stop (checkpointed, no export) at this step, as if interrupted; 0 = off")
     shards_version: int | None = option(None, "text_shards Delta version to read; unset = latest")
+    smoke_test: bool = option(False, "check the set-up end to end in seconds: tiny preset from scratch, 2 steps of 8 "
+                              "sequences, a fresh run named <run>-smoke (as Ray's examples' --smoke-test)")  # fmt: skip
 
     def validate(self) -> None:
         super().validate()
@@ -114,6 +118,16 @@ class MLMConfig(JobConfig):
     @property
     def name(self) -> str:
         return self.run_name or f"mlm-{Path(self.init).name if self.init else self.preset}"
+
+    def smoke(self) -> MLMConfig:
+        """The ``--smoke-test`` run: what a quick end-to-end check needs, the rest as configured."""
+        cfg = dataclasses.replace(
+            self, smoke_test=False, preset="tiny", init=None, run_name=f"{self.name}-smoke", restart=True, max_steps=2,
+            warmup_steps=0, batch_size=8, grad_accum=1, eval_interval=1, max_eval_rows=64, log_interval=1, patience=0,
+            stop_at_step=0, compile=False,
+        )  # fmt: skip
+        cfg.validate()
+        return cfg
 
 
 # -------------------------------------------------------------------------------------------- model
@@ -158,32 +172,6 @@ def check_init_tokenizer(init: str, shards_tokenizer_dir: str, tokenizer_hash: s
             f"would mean different words to the model. Re-tokenize the catalog with the model's tokenizer: "
             f"`prodrep tokenize --lake <lake> --tokenizer {init}`, then run train-mlm again"
         )
-
-
-def _masked_lm_loss_module() -> Any:
-    import torch
-    import torch.nn.functional as F
-
-    class MaskedLMLoss(torch.nn.Module):
-        """Sum of the NLL over masked positions; the vocabulary projection runs on masked positions
-        only (~15% of tokens) instead of every token, which BertForMaskedLM.forward would do."""
-
-        def __init__(self, mlm: Any) -> None:
-            super().__init__()
-            self.mlm = mlm
-
-        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-            hidden = self.mlm.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-            selected = labels != -100
-            logits = self.mlm.cls(hidden[selected])
-            return F.cross_entropy(logits.float(), labels[selected], reduction="sum")
-
-    return MaskedLMLoss
-
-
-def MaskedLMLoss(mlm: Any) -> Any:  # noqa: N802 - a class built lazily so importing this module needs no torch
-    """Wrap a ``BertForMaskedLM``: ``forward(input_ids, attention_mask, labels) -> summed NLL``."""
-    return _masked_lm_loss_module()(mlm)
 
 
 # ---------------------------------------------------------------------------------------- one step
@@ -257,6 +245,8 @@ def evaluate_nll(mlm: Any, batches: Sequence[dict[str, Any]], device: Any) -> tu
     """(summed NLL, masked-token count) over fixed masked batches, summed over all workers."""
     import torch
 
+    from ray_train.losses import MaskedLMLoss
+
     loss_module = MaskedLMLoss(mlm)
     was_training = mlm.training
     mlm.eval()
@@ -272,232 +262,9 @@ def evaluate_nll(mlm: Any, batches: Sequence[dict[str, Any]], device: Any) -> tu
     return float(total[0]), float(total[1])
 
 
-def _ppl(nll: float, count: float) -> float:
+def perplexity(nll: float, count: float) -> float:
+    """exp(mean NLL); NaN when nothing was scored."""
     return float(math.exp(nll / count)) if count else float("nan")
-
-
-# -------------------------------------------------------------------------------------- worker loop
-def _epoch_batches(
-    shard: Any, epoch: int, cfg: dict[str, Any], rank: int
-) -> Iterator[list[np.ndarray]]:
-    """One pass over this worker's shard as lists of sequences (bucketed by length, or packed)."""
-    from ray_train.data import arrow_to_seqs, bucket_batches, pack_sequences
-
-    def seqs() -> Iterator[np.ndarray]:
-        for batch in shard.iter_batches(batch_size=1024, batch_format="pyarrow", prefetch_batches=2):
-            yield from arrow_to_seqs(batch.column("input_ids"))
-
-    rng = np.random.default_rng([cfg["seed"], epoch, rank])
-    stream: Iterator[np.ndarray] = seqs()
-    if cfg["packing"]:
-        stream = pack_sequences(stream, cfg["pack_length"])
-    return bucket_batches(stream, cfg["batch_size"], rng, cfg["bucket_batches"])
-
-
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Per-worker MLM training: model + DDP, sharded data, masking, steps, eval, checkpoints; rank 0 exports."""
-    import ray.train
-    import ray.train.torch
-    import torch
-
-    from ray_train.data import MaskingCollator, SpecialTokens, arrow_to_seqs, fixed_masked_batches, load_tokenizer
-    from ray_train.optim import build_optimizer, build_scheduler
-    from ray_train.runtime import load_resume_state
-
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    torch.set_num_threads(max(1, int(config["threads"])))
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-
-    tok = load_tokenizer(config["tokenizer_dir"])
-    special = SpecialTokens.from_tokenizer(tok)
-    collator = MaskingCollator(special, rate=config["mask_rate"], whole_word=config["whole_word"])
-    torch.manual_seed(config["seed"])  # same init everywhere (DDP also broadcasts rank 0's weights)
-    mlm = build_model(config["preset"], max(config["vocab_size"], len(tok)), config["max_length"], special.pad_id,
-                      config["init"], config["dropout"])  # fmt: skip
-    mlm.to(device)
-    optimizer = build_optimizer(mlm, config["lr"], config["weight_decay"])
-    scheduler = build_scheduler(optimizer, config["warmup_steps"], config["max_steps"], config["schedule"], config["min_lr_ratio"])
-
-    step, epoch, batch_in_epoch = 0, 0, 0
-    history: list[dict[str, Any]] = []
-    best = {"ppl": float("inf"), "step": 0, "bad_evals": 0, "state": None}
-    ppl_before = None
-    st = load_resume_state(config, STATE_FILE, lambda s: int(s["step"]))
-    if st is not None:
-        mlm.load_state_dict(st["model"])
-        optimizer.load_state_dict(st["optimizer"])
-        scheduler.load_state_dict(st["scheduler"])
-        step, epoch, batch_in_epoch = st["step"], st["epoch"], st["batch_in_epoch"]
-        history, ppl_before = st["history"], st["ppl_before"]
-        best = st["best"]
-        torch.set_rng_state(st["torch_rng"])
-        if rank == 0:
-            log.info("resuming %s from step %d (epoch %d, batch %d)", config["run_name"], step, epoch, batch_in_epoch)
-
-    if config["compile"]:
-        mlm.bert.compile(dynamic=True)
-    loss_module = ray.train.torch.prepare_model(MaskedLMLoss(mlm), move_to_device=False)
-    loss_module.train()
-
-    # Validation set: read once, masked once with a fixed seed, so every eval scores the same tokens.
-    val_seqs: list[np.ndarray] = []
-    val_shard = ray.train.get_dataset_shard("val")
-    limit = max(1, config["max_eval_rows"] // world)
-    for b in val_shard.iter_batches(batch_size=1024, batch_format="pyarrow"):
-        val_seqs.extend(arrow_to_seqs(b.column("input_ids")))
-    val_batches = fixed_masked_batches(val_seqs[:limit], collator, config["batch_size"], seed=config["seed"] + 7919 * rank)
-
-    def evaluate() -> float:
-        return _ppl(*evaluate_nll(mlm, val_batches, device))
-
-    if ppl_before is None:
-        ppl_before = evaluate()
-        if rank == 0:
-            log.info("val perplexity before training: %.2f", ppl_before)
-
-    shard = ray.train.get_dataset_shard("train")
-    mask_gen = torch.Generator()
-
-    def batch_stream() -> Iterator[dict[str, Any]]:
-        nonlocal epoch, batch_in_epoch
-        skip = batch_in_epoch
-        while True:
-            n_seen = 0
-            for seqs in _epoch_batches(shard, epoch, config, rank):
-                n_seen += 1
-                if n_seen <= skip:  # resuming mid-epoch: these batches were trained on already
-                    continue
-                batch_in_epoch = n_seen
-                # masks depend on (seed, epoch, batch, rank) only: a resumed run masks as the original
-                mask_gen.manual_seed(hash((config["seed"], epoch, n_seen, rank)) & 0x7FFFFFFFFFFF)
-                yield collator(seqs, mask_gen)
-            if n_seen == 0:
-                raise InputError("text_shards has no usable train rows for this worker: tokenize a larger catalog")
-            epoch, batch_in_epoch, skip = epoch + 1, 0, 0
-
-    stream = batch_stream()
-    pending: list[tuple[int, dict[str, Any], float]] = []
-    stopped_early = False
-    t0, tokens_since = time.perf_counter(), 0.0
-    pbar = None
-    if rank == 0:
-        from tqdm.auto import tqdm
-
-        pbar = tqdm(total=config["max_steps"], initial=step, desc="train-mlm", disable=None)
-
-    def flush_logs() -> None:
-        nonlocal t0, tokens_since
-        dt = time.perf_counter() - t0
-        toks = sum(float(o["tokens"]) for _, o, _ in pending)
-        for s, out, lr in pending:
-            history.append({"step": s, "loss": round(float(out["loss"]), 5), "grad_norm": round(float(out["grad_norm"]), 4),
-                            "lr": lr, "masked_tokens": int(out["masked"]), "tokens": int(out["tokens"])})  # fmt: skip
-        if pending and dt > 0:
-            history[-1]["tokens_per_s"] = round(toks / dt, 1)
-            history[-1]["tokens_per_s_per_worker"] = round(toks / dt / world, 1)
-        pending.clear()
-        t0 = time.perf_counter()
-
-    def checkpoint_state() -> dict[str, Any] | None:
-        if rank != 0:
-            return None
-        return dict(model=mlm.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                    step=step, epoch=epoch, batch_in_epoch=batch_in_epoch, history=history, ppl_before=ppl_before,
-                    best=best, torch_rng=torch.get_rng_state())  # fmt: skip
-
-    while step < config["max_steps"]:
-        micro = [next(stream) for _ in range(config["grad_accum"])]
-        lr = scheduler.get_last_lr()[0]
-        torch.manual_seed(hash((config["seed"], step, rank)) & 0x7FFFFFFF)  # dropout, resumable
-        out = train_step(loss_module, optimizer, scheduler, micro, device, config["max_grad_norm"])
-        step += 1
-        pending.append((step, out, lr))
-        if pbar is not None:
-            pbar.update(1)
-        is_last = step == config["max_steps"]
-        do_eval = step % config["eval_interval"] == 0 or is_last
-        if step % config["log_interval"] == 0 or do_eval:
-            flush_logs()
-            if pbar is not None and "loss" in history[-1]:
-                pbar.set_postfix(loss=history[-1]["loss"])
-        # history also holds {"step", "val_ppl"} rows: report the latest training loss, not the last row
-        last_loss = next((h["loss"] for h in reversed(history) if "loss" in h), None)
-        metrics: dict[str, Any] = {"step": step, "loss": last_loss}
-        if do_eval:
-            ppl = evaluate()
-            history.append({"step": step, "val_ppl": round(ppl, 4)})
-            metrics["val_ppl"] = ppl
-            if ppl < best["ppl"] - 1e-6:
-                # keep a CPU copy of the best weights: exported at the end (early stopping restores them)
-                state = {k: v.detach().to("cpu", copy=True) for k, v in mlm.state_dict().items()}
-                best.update(ppl=ppl, step=step, bad_evals=0, state=state)
-            else:
-                best["bad_evals"] += 1
-            if config["patience"] and best["bad_evals"] >= config["patience"]:
-                stopped_early = True
-        interrupted = bool(config["stop_at_step"]) and step == config["stop_at_step"]
-        finished = is_last or stopped_early
-        if (step % config["checkpoint_interval"] == 0 or interrupted) and not finished:
-            _report(metrics, rank, checkpoint_state())
-        elif do_eval and not finished:
-            ray.train.report(metrics)
-        if interrupted or finished:
-            break
-    if pbar is not None:
-        pbar.close()
-    if step < config["max_steps"] and not stopped_early:
-        return  # interrupted on purpose (stop_at_step): no export; the next run resumes
-
-    if best["state"] is not None:
-        mlm.load_state_dict(best["state"])
-    ppl_after = best["ppl"] if best["state"] is not None else evaluate()
-    final = {
-        "val_ppl_before": ppl_before, "val_ppl_after": ppl_after, "best_step": best["step"], "steps": step,
-        "stopped_early": stopped_early, "final_loss": next((h["loss"] for h in reversed(history) if "loss" in h), None),
-    }  # fmt: skip
-    if rank == 0:
-        final["model_dir"] = _export(mlm, tok, config, final, history)
-    # the last checkpoint carries the final metrics: Train V2's Result.metrics are the latest checkpoint's
-    _report({**final, "step": step, "exported": True}, rank, checkpoint_state())
-
-
-def _report(metrics: dict[str, Any], rank: int, state: dict[str, Any] | None) -> None:
-    """ray.train.report with a checkpoint of ``state`` written by rank 0 (other ranks report none)."""
-    from ray_train.runtime import report_checkpoint
-
-    report_checkpoint(metrics, rank, state, STATE_FILE)
-
-
-def _export(mlm: Any, tok: Any, config: dict[str, Any], final: dict[str, Any], history: list[dict[str, Any]]) -> str:
-    """Rank 0 writes the HF dir + prodrep.json + metrics.jsonl (common.models.save_export)."""
-    from common.models import new_model_version, save_export
-    from ray_train.runtime import write_export
-
-    meta = {
-        "kind": "mlm",
-        "model_version": new_model_version(config["run_name"]),
-        "pooling": "mean",
-        "max_length": config["max_length"],
-        "dim": int(mlm.config.hidden_size),
-        "tokenizer_hash": config["tokenizer_hash"],
-        "inputs": {"text_shards": config["shards_version"]},
-        "metrics": {k: v for k, v in final.items() if k != "model_dir"},
-        "config": config["job_config"],
-    }
-    if config.get("text_template"):
-        meta["text_template"] = config["text_template"]  # embed must render items exactly as tokenize did
-
-    def write(local: str) -> None:
-        with open(Path(local) / METRICS_FILE, "w") as f:
-            for rec in history:
-                f.write(json.dumps(rec) + "\n")
-        save_export(local, meta, model=mlm, tokenizer=tok)
-
-    return write_export(config["export_dir"], write)
 
 
 # ------------------------------------------------------------------------------------------- driver
@@ -510,8 +277,11 @@ def train_mlm(cfg: MLMConfig) -> dict[str, Any]:
     from common import lake as lk
     from ray_train.cluster import ensure_ray
     from ray_train.data import read_text_splits, shards_info
+    from ray_train.mlm_loop import MLMWorkerConfig, train_loop_per_worker
     from ray_train.runtime import build_trainer, scaled_warmup
 
+    if cfg.smoke_test:
+        cfg = cfg.smoke()
     info = shards_info(cfg.lake, cfg.shards_version)
     if cfg.init:
         check_init_tokenizer(cfg.init, info.tokenizer_dir, info.tokenizer_hash)
@@ -520,22 +290,14 @@ def train_mlm(cfg: MLMConfig) -> dict[str, Any]:
     if cfg.restart and not lk.is_remote(storage):
         shutil.rmtree(Path(storage) / cfg.name, ignore_errors=True)
     datasets = read_text_splits(cfg.lake, info.version)
-    loop_config = {
-        **{k: v for k, v in cfg.to_dict().items() if k not in ("lake", "restart", "shards_version", "run_name")},
-        "run_name": cfg.name,
-        "warmup_steps": scaled_warmup(cfg.warmup_steps, cfg.max_steps),
-        "threads": max(1, int(cfg.cpus_per_worker)),
-        "tokenizer_dir": info.tokenizer_dir,
-        "tokenizer_hash": info.tokenizer_hash,
-        "vocab_size": info.vocab_size,
-        "max_length": info.max_length,
-        "text_template": info.template,
-        "shards_version": info.version,
-        "export_dir": lk.artefact_dir(cfg.lake, "models", cfg.name),
-        "job_config": cfg.to_dict(),
-    }
+    worker = MLMWorkerConfig(
+        job=cfg, warmup_steps=scaled_warmup(cfg.warmup_steps, cfg.max_steps), threads=max(1, int(cfg.cpus_per_worker)),
+        tokenizer_dir=info.tokenizer_dir, tokenizer_hash=info.tokenizer_hash, vocab_size=info.vocab_size,
+        max_length=info.max_length, text_template=info.template, shards_version=info.version,
+        export_dir=lk.artefact_dir(cfg.lake, "models", cfg.name),
+    )  # fmt: skip
     trainer = build_trainer(
-        train_loop_per_worker, loop_config, run_name=cfg.name, storage=storage, workers=cfg.workers, gpu=cfg.gpu,
+        train_loop_per_worker, worker, run_name=cfg.name, storage=storage, workers=cfg.workers, gpu=cfg.gpu,
         cpus_per_worker=cfg.cpus_per_worker, datasets=datasets,
         # preserve_order: a worker sees the same rows in the same order on every run, so a resumed
         # run continues exactly where it stopped
@@ -580,7 +342,7 @@ def masked_perplexity(model_dir: str, input_ids: list[list[int]], mask_rate: flo
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     mlm.to(device)
     nll, count = evaluate_nll(mlm, fixed_masked_batches(seqs, collator, batch_size, seed), device)
-    return _ppl(nll, count)
+    return perplexity(nll, count)
 
 
 # ---------------------------------------------------------------------------------------------- CLI

@@ -24,7 +24,7 @@ _STEP_DIR = re.compile(r"^step_(\d+)")
 
 def build_trainer(
     loop: Callable[[dict[str, Any]], None],
-    loop_config: dict[str, Any],
+    worker_config: Any,
     *,
     run_name: str,
     storage: str,
@@ -38,6 +38,9 @@ def build_trainer(
 ) -> Any:
     """A ``TorchTrainer`` with prodrep's run storage, checkpointing and failure policy.
 
+    ``worker_config`` (a frozen dataclass built on the driver; it must pickle) reaches every worker as
+    ``loop_config["config"]``, beside ``loop_config["run_dir"]`` (see :func:`worker_args`).
+
     ``max_failures``: worker-group failures (a killed worker, a lost node) Ray Train recovers from by
     restarting the workers from the latest reported checkpoint; -1 retries forever, 0 fails at once.
     """
@@ -50,7 +53,7 @@ def build_trainer(
         kwargs["dataset_config"] = dataset_config
     return TorchTrainer(
         loop,
-        train_loop_config={**loop_config, "run_dir": _join(storage, run_name)},
+        train_loop_config={"config": worker_config, "run_dir": _join(storage, run_name)},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpu, resources_per_worker={"CPU": cpus_per_worker}),
         datasets=dict(datasets),
         run_config=RunConfig(
@@ -61,6 +64,11 @@ def build_trainer(
         ),
         **kwargs,
     )
+
+
+def worker_args(loop_config: Mapping[str, Any]) -> tuple[Any, str | None]:
+    """(the typed worker config, the run dir) a loop built by :func:`build_trainer` receives."""
+    return loop_config["config"], loop_config.get("run_dir")
 
 
 def wait_for_free_cpus(needed: float, timeout_s: float = 120.0) -> None:
@@ -136,7 +144,7 @@ def _is_complete(fs: Any, ckpt_dir: str) -> bool:
     return state.type == pafs.FileType.File and str(state.size) == size.strip()
 
 
-def load_resume_state(config: Mapping[str, Any], state_file: str, step_of: Callable[[dict[str, Any]], int]) -> dict[str, Any] | None:
+def load_resume_state(run_dir: str | None, state_file: str, step_of: Callable[[dict[str, Any]], int]) -> dict[str, Any] | None:
     """The training state to resume from: Ray's checkpoint or a newer complete one in the run dir.
 
     Runs on every worker (each loads the same state); returns None for a fresh run.
@@ -150,7 +158,7 @@ def load_resume_state(config: Mapping[str, Any], state_file: str, step_of: Calla
         with ckpt.as_directory() as d:
             st = torch.load(os.path.join(d, state_file), map_location="cpu", weights_only=False)
         candidates.append((step_of(st), st))
-    newest = latest_complete_checkpoint(config["run_dir"]) if config.get("run_dir") else None
+    newest = latest_complete_checkpoint(run_dir) if run_dir else None
     if newest and (not candidates or newest[0] > candidates[0][0]):
         fs, path = _fs(newest[1])
         with fs.open_input_file(path + "/" + state_file) as f:

@@ -92,3 +92,17 @@ def test_bad_values_say_which_field(tmp_path):
 def test_every_field_has_help(command):
     undocumented = [f.name for f in dataclasses.fields(get_command(command).config) if not f.metadata.get("help")]
     assert not undocumented, f"document these fields with common.config.option(default, help): {undocumented}"
+
+
+@pytest.mark.parametrize("command", ["train-mlm", "train-items"])
+def test_smoke_test_flag_parses_to_a_tiny_run(command, tmp_path):
+    assert _config(command, [], str(tmp_path)).smoke_test is False
+    cfg = _config(command, ["--smoke-test", "--run-name", "r"], str(tmp_path))
+    assert cfg.smoke_test is True
+    assert _config(command, ["--set", "smoke_test=true"], str(tmp_path)).smoke_test is True
+    tiny = cfg.smoke()
+    assert tiny.run_name == "r-smoke" and tiny.restart is True and tiny.smoke_test is False
+    if command == "train-mlm":
+        assert (tiny.preset, tiny.init, tiny.max_steps, tiny.batch_size) == ("tiny", None, 2, 8)
+    else:
+        assert (tiny.text_steps, tiny.batch_size, tiny.pairs, tiny.epochs) == (2, 16, 16 * 4 * cfg.workers, 1)

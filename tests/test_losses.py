@@ -144,3 +144,23 @@ def test_all_gather_info_nce_equals_single_process():
         _, gq, gd = out[r]
         torch.testing.assert_close(gq / world, qs.grad[r * b : (r + 1) * b], rtol=1e-9, atol=1e-12)
         torch.testing.assert_close(gd / world, ds.grad[r * b : (r + 1) * b], rtol=1e-9, atol=1e-12)
+
+
+def test_masked_lm_loss_is_the_summed_nll_of_the_full_head():
+    """Projecting masked positions only gives BertForMaskedLM's own loss (a mean) times the count."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    from ray_train.losses import MaskedLMLoss
+
+    torch.manual_seed(0)
+    mlm = BertForMaskedLM(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=32, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    mlm.eval()
+    ids = torch.randint(5, 50, (3, 7))  # (B, T)
+    mask = torch.ones_like(ids)
+    mask[2, 5:] = 0
+    labels = torch.full_like(ids, -100)
+    labels[0, 1], labels[1, 3], labels[2, 2] = 7, 9, 11
+    ours = MaskedLMLoss(mlm)(input_ids=ids, attention_mask=mask, labels=labels)
+    ref = mlm(input_ids=ids, attention_mask=mask, labels=labels).loss * 3
+    assert float(ours) == pytest.approx(float(ref), rel=1e-5)

@@ -147,7 +147,8 @@ def _ddp_worker(rank: int, world: int, init_file: str, batches_path: str, out_pa
     """One process of a gloo group: the exact train_step the Ray workers run, on its slice."""
     import torch.distributed as dist
 
-    from ray_train.mlm import MaskedLMLoss, build_model, train_step
+    from ray_train.losses import MaskedLMLoss
+    from ray_train.mlm import build_model, train_step
     from ray_train.optim import build_optimizer, build_scheduler
 
     torch.set_num_threads(1)
