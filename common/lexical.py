@@ -83,8 +83,9 @@ class Lexical:
         x = sp.csr_matrix(tf.multiply(self.idf[None, :].astype(np.float32)), dtype=np.float32)
         if self.components is None:
             return l2_normalize(np.asarray(x.toarray(), dtype=np.float32))
-        norms = np.sqrt(np.asarray(x.multiply(x).sum(axis=1)).ravel())
-        x = sp.diags(1.0 / np.where(norms > 0, norms, 1.0)).astype(np.float32) @ x  # TF-IDF rows as fitted
+        from sklearn.preprocessing import normalize
+
+        x = normalize(x)  # the TF-IDF rows as the projection was fitted on (zero rows stay zero)
         return l2_normalize(np.asarray(x @ self.components.T, dtype=np.float32))
 
     def describe(self) -> dict:

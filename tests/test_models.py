@@ -127,6 +127,19 @@ def test_fusion_adds_id_vectors_before_normalising(tmp_path):
     np.testing.assert_allclose(got[1], pooled[1], atol=1e-5)  # no history -> pure text vector
 
 
+def assert_round_trips(lex, d, saved_file: str) -> None:
+    """Saved to ``d`` (which then holds ``saved_file``) and loaded back, ``lex`` transforms unchanged."""
+    from common.lexical import Lexical
+
+    d.mkdir()
+    lex.save(d)
+    assert (d / saved_file).exists()
+    again = Lexical.load(d)
+    new = ["red cake stand for christmas", "zzz unknown words"]
+    np.testing.assert_allclose(again.transform(new), lex.transform(new), atol=0)
+    assert not again.transform(["zzz"]).any()  # no known term: a zero row, not NaN
+
+
 def test_lexical_block_matches_sklearn_tfidf_and_round_trips(tmp_path):
     from sklearn.feature_extraction.text import TfidfVectorizer
 
@@ -137,13 +150,7 @@ def test_lexical_block_matches_sklearn_tfidf_and_round_trips(tmp_path):
     assert lex.vocabulary == tuple(TfidfVectorizer().fit(TEXTS).get_feature_names_out())
     np.testing.assert_allclose(lex.transform(TEXTS), want, atol=1e-6)
     assert Lexical.fit(TEXTS, max_features=3).size == 3  # the cap bounds the vector size
-    (tmp_path / "x").mkdir()
-    lex.save(tmp_path / "x")
-    assert (tmp_path / "x" / LEXICAL_FILE).exists()
-    again = Lexical.load(tmp_path / "x")
-    new = ["red cake stand for christmas", "zzz unknown words"]
-    np.testing.assert_allclose(again.transform(new), lex.transform(new), atol=0)
-    assert not again.transform(["zzz"]).any()  # no known term: a zero row, not NaN
+    assert_round_trips(lex, tmp_path / "x", LEXICAL_FILE)
 
 
 def test_projected_lexical_block_is_lsa_of_tfidf_with_a_fixed_size(tmp_path):
@@ -158,13 +165,7 @@ def test_projected_lexical_block_is_lsa_of_tfidf_with_a_fixed_size(tmp_path):
     x = TfidfVectorizer(sublinear_tf=True).fit_transform(TEXTS)
     want = np.nan_to_num(unit(TruncatedSVD(n_components=3, algorithm="randomized", n_iter=7, random_state=0).fit(x).transform(x)))
     np.testing.assert_allclose(lex.transform(TEXTS), want, atol=1e-5)
-    (tmp_path / "x").mkdir()
-    lex.save(tmp_path / "x")
-    assert (tmp_path / "x" / COMPONENTS_FILE).exists()
-    again = Lexical.load(tmp_path / "x")
-    new = ["red cake stand for christmas", "zzz unknown words"]
-    np.testing.assert_allclose(again.transform(new), lex.transform(new), atol=0)
-    assert not again.transform(["zzz"]).any()  # no known term: a zero row, not NaN
+    assert_round_trips(lex, tmp_path / "x", COMPONENTS_FILE)
     assert Lexical.fit(TEXTS, max_features=1000, dim=10_000).components is None  # dim >= vocabulary: unprojected
     model, tok = tiny_bert()
     meta = {"kind": "fusion", "model_version": "lsa-0", "pooling": "mean", "max_length": 64, "dim": 32 + 3,
