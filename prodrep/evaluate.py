@@ -383,22 +383,23 @@ def projection(ctx: EvalContext, method: B.Method, cfg: EvaluateConfig, state: d
 
 
 # -------------------------------------------------------------------------------------------- run
-def run(cfg: EvaluateConfig) -> dict[str, Any]:
-    """Evaluate every available method on the lake; write the report (and --json); return the results
-    dict (``dataset``, ``basket_completion``, ``probe``, ``perplexity``; structure of issue 7)."""
-    import scipy.sparse as sp
+@dataclass
+class _Scored:
+    """What scoring every method produced: the results' tables and the methods with vectors."""
 
+    bc: dict[str, Any]
+    extra: dict[str, Any]
+    curves: dict[str, Any]
+    probe: dict[str, Any]
+    vector_methods: dict[str, B.Method]
+
+
+def protocol_inputs(cfg: EvaluateConfig, timings: dict[str, float]) -> tuple[EvalContext, dict[str, Any], dict[str, Any]]:
+    """Read the lake and sample the queries: (context, dataset counts, method state)."""
     from common import lake as L
-    from common.evaluation.report import plot_recall_curves, print_summary, write_report
 
-    cfg.validate()
-    logging.getLogger("gensim").setLevel(logging.WARNING)  # per-epoch chatter drowns the harness log
-    t_all = time.perf_counter()
-    timings: dict[str, float] = {}
-    notes: list[str] = []
     sessions = load_sessions(cfg.lake)
-    texts, categories, titles, n0 = load_texts(cfg.lake, cfg.text_template)
-    notes += n0
+    texts, categories, titles, notes = load_texts(cfg.lake, cfg.text_template)
     train = sessions[sessions["split"] == "train"]
     test = sessions[sessions["split"] == cfg.eval_split]
     if not len(train) or not len(test):
@@ -433,79 +434,110 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
         **ctx.dataset_counts(),
     }
     log.info("protocol: %d queries (%d cold) over %d candidates", dataset["queries"], dataset["cold_queries"], dataset["candidates"])
+    state: dict[str, Any] = {"notes": notes, "sessions": sessions, "texts": texts, "categories": categories, "titles": titles,
+                             "cache": fit_cache(cfg, dataset)}  # fmt: skip
+    return ctx, dataset, state
 
-    versions, emb = lake_models(cfg.lake)
-    names = [n for n in (*BASELINES, *versions) if cfg.wants(n)]
-    unknown = [m for m in cfg.methods if m not in BASELINES and m not in versions]
-    if unknown:
-        raise ConfigError(f"unknown method(s) {unknown}: choose from {list(BASELINES) + versions}")
-    state: dict[str, Any] = {"notes": notes, "sessions": sessions, "texts": texts, "embeddings": emb, "categories": categories, "titles": titles,
-                             "cache": fit_cache(cfg, dataset)}
+
+def probe_setup(ctx: EvalContext, cfg: EvaluateConfig, state: dict[str, Any]) -> tuple[np.ndarray, Any]:
+    """The category probe's items and labels (empty labels = no probe; the reason goes to the notes)."""
     probe_idx, probe_labels, dropped = probe_items(
-        ctx.popularity, [categories.get(str(i)) for i in ctx.items], cfg.probe_min_sessions, cfg.probe_folds
+        ctx.popularity, [state["categories"].get(str(i)) for i in ctx.items], cfg.probe_min_sessions, cfg.probe_folds
     )
-    do_probe = len(probe_labels) > 0
-    if not do_probe:
+    if not len(probe_labels):
         state["probe_note"] = "Skipped: the catalog has no category values (for items in enough train sessions)."
-        notes.append("category probe skipped: catalog.category is empty")
+        state["notes"].append("category probe skipped: catalog.category is empty")
     elif dropped:
-        notes.append(f"category probe: {dropped} classes with < {cfg.probe_folds} items dropped")
+        state["notes"].append(f"category probe: {dropped} classes with < {cfg.probe_folds} items dropped")
+    return probe_idx, probe_labels
 
-    bc: dict[str, Any] = {}
-    extra: dict[str, Any] = {}
-    curves: dict[str, Any] = {}
-    probe: dict[str, Any] = {}
-    vector_methods: dict[str, B.Method] = {}
-    depth = cfg.curve_max_k
+
+def score_methods(names: list[str], ctx: EvalContext, cfg: EvaluateConfig, state: dict[str, Any], timings: dict[str, float]) -> _Scored:
+    """Build and score every method in ``names`` (a method that cannot be built is skipped with a note)."""
+    probe_idx, probe_labels = probe_setup(ctx, cfg, state)
+    out = _Scored({}, {}, {}, {}, {})
+    k = max(cfg.ks)
     for name in names:
         t0 = time.perf_counter()
         log.info("method %s: building", name)
         m = build_method(name, ctx, cfg, state)
         if m is None:
             continue
-        hits = evaluate_scores(ctx, m.score, depth=depth, batch_size=cfg.batch_size, desc=name, progress=cfg.progress)
-        bc[name], extra[name], curves[name] = summarise(ctx, hits, cfg)
+        hits = evaluate_scores(ctx, m.score, depth=cfg.curve_max_k, batch_size=cfg.batch_size, desc=name, progress=cfg.progress)
+        out.bc[name], out.extra[name], out.curves[name] = summarise(ctx, hits, cfg)
         if m.info:
-            extra[name]["info"] = m.info
+            out.extra[name]["info"] = m.info
         if m.vectors is not None:
-            vector_methods[name] = m
-            if do_probe:
-                probe[name] = category_probe(m.vectors[probe_idx], probe_labels, cfg.probe_folds, seed=0)
+            out.vector_methods[name] = m
+            if len(probe_labels):
+                out.probe[name] = category_probe(m.vectors[probe_idx], probe_labels, cfg.probe_folds, seed=0)
         timings[name] = time.perf_counter() - t0
-        log.info("method %s: Recall@%d %.4f (cold %s) in %.1fs", name, max(cfg.ks), bc[name][f"recall@{max(cfg.ks)}"], bc[name][f"cold_recall@{max(cfg.ks)}"], timings[name])
+        log.info("method %s: Recall@%d %.4f (cold %s) in %.1fs", name, k, out.bc[name][f"recall@{k}"], out.bc[name][f"cold_recall@{k}"], timings[name])
+    return out
+
+
+def write_plots(ctx: EvalContext, cfg: EvaluateConfig, state: dict[str, Any], scored: _Scored, versions: list[str], report_dir: Path) -> tuple[dict[str, str], str | None]:
+    """Recall@K curves and the 2-D projection of the best vector method (a lake model when there is
+    one): (plot paths, the projected method)."""
+    import scipy.sparse as sp
+
+    from common.evaluation.report import plot_recall_curves
+
+    plots: dict[str, str] = {}
+    if scored.curves:
+        plots["recall_at_k"] = plot_recall_curves(scored.curves, report_dir / "recall_at_k.png")
+    key = f"recall@{max(cfg.ks)}"
+    vm = scored.vector_methods
+    # dense vectors first: a 2-D linear projection of sparse TF-IDF is one blob
+    ranked = sorted(vm, key=lambda n: (sp.issparse(vm[n].vectors), -(scored.bc[n][key] or 0.0)))
+    best = ([n for n in ranked if n in versions] or ranked or [None])[0]
+    if best is not None:
+        p = projection(ctx, vm[best], cfg, state, report_dir / "projection.png")
+        if p:
+            plots["projection"] = p
+    return plots, best
+
+
+def run(cfg: EvaluateConfig) -> dict[str, Any]:
+    """Evaluate every available method on the lake; write the report (and --json); return the results
+    dict (``dataset``, ``basket_completion``, ``probe``, ``perplexity``; structure of issue 7)."""
+    from common import lake as L
+    from common.evaluation.report import print_summary, write_report
+
+    cfg.validate()
+    logging.getLogger("gensim").setLevel(logging.WARNING)  # per-epoch chatter drowns the harness log
+    t_all = time.perf_counter()
+    timings: dict[str, float] = {}
+    ctx, dataset, state = protocol_inputs(cfg, timings)
+    notes = state["notes"]
+    versions, state["embeddings"] = lake_models(cfg.lake)
+    unknown = [m for m in cfg.methods if m not in BASELINES and m not in versions]
+    if unknown:
+        raise ConfigError(f"unknown method(s) {unknown}: choose from {list(BASELINES) + versions}")
+    scored = score_methods([n for n in (*BASELINES, *versions) if cfg.wants(n)], ctx, cfg, state, timings)
 
     t0 = time.perf_counter()
     ppl = perplexities(cfg.lake, notes)
     if ppl:
         timings["perplexity"] = time.perf_counter() - t0
-    results = {"dataset": dataset, "basket_completion": bc, "probe": probe, "perplexity": ppl}
+    results = {"dataset": dataset, "basket_completion": scored.bc, "probe": scored.probe, "perplexity": ppl}
 
     report_dir = Path(cfg.report_dir or L.artefact_dir(cfg.lake, "reports", "evaluation"))
     report_dir.mkdir(parents=True, exist_ok=True)
-    plots: dict[str, str] = {}
-    if curves:
-        plots["recall_at_k"] = plot_recall_curves(curves, report_dir / "recall_at_k.png")
-    key = f"recall@{max(cfg.ks)}"
-    # dense vectors first: a 2-D linear projection of sparse TF-IDF is one blob
-    ranked = sorted(vector_methods, key=lambda n: (sp.issparse(vector_methods[n].vectors), -(bc[n][key] or 0.0)))
-    lake_ranked = [n for n in ranked if n in versions]
-    best = (lake_ranked or ranked or [None])[0]
-    if best is not None:
-        p = projection(ctx, vector_methods[best], cfg, state, report_dir / "projection.png")
-        if p:
-            plots["projection"] = p
+    plots, best = write_plots(ctx, cfg, state, scored, versions, report_dir)
     timings["total"] = time.perf_counter() - t_all
+    cache = state["cache"]
     details = {
         "lake": cfg.lake,
         "config": cfg.to_dict(),
-        "basket_completion": extra,
-        "recall_curves": curves,
+        "basket_completion": scored.extra,
+        "recall_curves": scored.curves,
         "item2vec": state.get("item2vec", {}),
         "tuning": state.get("tuning", {}),
         "projection_method": best,
         "notes": notes,
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
-        "cache": {"dir": str(state["cache"].dir) if state["cache"].dir else None, "hits": state["cache"].hits, "misses": state["cache"].misses},
+        "cache": {"dir": str(cache.dir) if cache.dir else None, "hits": cache.hits, "misses": cache.misses},
     }
     if "probe_note" in state:
         details["probe_note"] = state["probe_note"]
