@@ -6,8 +6,8 @@ ids ``<session>#r``), so events, pair occurrences and output pairs all scale by 
 per-session shape (and so the cap's effect) stays the same.
 
 Both sides compute the full table with the job's defaults (cap 100 items/session by the sha256 rule,
-min_count 2, both orders, count/weight/freq/cosine/PPMI). Timed: Spark = ``cooccurrence()`` + a
-``noop`` write that forces every output row (the Delta write is excluded: it is the same for any
+min_count 2, both orders, count/weight/freq/cosine/PPMI). Timed: Spark = the job's transforms (capped
+baskets persisted, as ``run`` does) + a ``noop`` write that forces every output row (the Delta write is excluded: it is the same for any
 engine); baseline = cap + factorize + sparse X^T X (counts) and X^T diag(1/(m-1)) X (weights) + the
 output columns. Inputs are built and cached before timing. Medians of ``--repeats`` runs.
 
@@ -120,10 +120,18 @@ def pair_occurrences(sessions: pd.DataFrame, cap: int = 100) -> int:
 
 # ---------------------------------------------------------------------------------------------- spark
 def spark_run(spark, df, cfg) -> int:
-    from spark_jobs.cooccurrence import cooccurrence
+    """What the job's ``run`` does, minus reading and writing Delta: the capped baskets persisted (they
+    feed the stats, the vocabulary and the pairs), then every output row forced."""
+    from pyspark import StorageLevel
 
-    out, _ = cooccurrence(df, cfg)  # partitioned by bucket, as the job writes it
-    out.write.format("noop").mode("overwrite").save()
+    from spark_jobs.cooccurrence import cap_sessions, cooccurrence_from_capped, train_baskets
+
+    capped = cap_sessions(train_baskets(df), cfg.max_session_items).persist(StorageLevel.MEMORY_AND_DISK)
+    try:
+        out, _ = cooccurrence_from_capped(capped, cfg)  # partitioned by bucket, as the job writes it
+        out.write.format("noop").mode("overwrite").save()
+    finally:
+        capped.unpersist()
     return 0
 
 

@@ -24,9 +24,11 @@ then smallest item_b. The table is then no longer symmetric (b may be in a's top
 
 **Skew.** Work is keyed by the pair (a, b), never by a single item, wherever it is heavy:
 sessions are first spread over tasks by a hash of session_id (one big input file or one huge session
-must not pin the explode to one task; the cap bounds a session's cost to cap^2/2 pairs); each session
-emits only a < b pairs (half the shuffle); the aggregation is hash-partitioned on (a, b) with map-side
-partial aggregation, so a hot item's pairs spread over all reducers by their partner; item frequencies
+must not pin the counting to one task; the cap bounds a session's cost to cap^2/2 pairs); each task
+sums its sessions' a < b pairs with sparse matrix products (half the shuffle, one partial sum per pair
+per task) and ships them as packed numpy columns, one shuffle row per (reducer part, chunk of pairs);
+parts are the low bits of the pair code a * n_items + b, so a hot item's pairs spread over all reducers
+by their partner; item frequencies
 are joined by broadcast (no shuffle keyed by the hot item); top-K runs in two stages, first per
 (item_a, salt = pmod(hash(item_b), salt_buckets)) and then per item_a over at most
 salt_buckets * K rows, so no task ranks all partners of a hot item alone.
@@ -175,18 +177,64 @@ def pair_counts(capped: "DataFrame", partitions: int | None = None) -> "DataFram
     return exploded.groupBy("a", "b").agg(F.count("*").alias("count"), F.sum("w").alias("weight"))
 
 
-PAIR_KEY_SCHEMA = "key long, count long, weight double"
-CODED_SCHEMA = "a long, b long, count long, weight double, bucket int"
+PAIR_BLOB_SCHEMA = "part int, key binary, count binary, weight binary"
+CODED_BLOB_SCHEMA = "bucket int, a binary, b binary, count binary, weight binary"
 SCORED_SCHEMA = (
     "item_a string, item_b string, count long, weight double, freq_a long, freq_b long, cosine double, ppmi double, "
     "bucket int"
 )
-ARROW_ROWS = 1 << 20  # rows per Arrow batch handed back to Spark
+ARROW_ROWS = 1 << 20  # values per Arrow batch handed back to Spark
+ARROW_BINARY_LIMIT = (1 << 31) - 1  # bytes in one Arrow binary column (int32 offsets)
 
 
-def _partial_pair_sums(items, n_items: int, budget: int):
+# Between the stages, pairs travel as packed numpy arrays: one shuffle row per (reducer part, chunk of up
+# to `chunk` pairs) with each column's values as one binary value, instead of one Spark row per pair.
+# A shuffle then moves bytes, not tens of millions of rows through Spark's row <-> Arrow conversion.
+def pack_groups(group: "Any", n_groups: int, columns: dict[str, "Any"], group_name: str, chunk: int):
+    """Arrow batches of packed rows: (group id, one binary value per column holding up to ``chunk`` of
+    that group's values as raw numpy bytes). Every value of ``columns`` goes to the group ``group``
+    names for it."""
+    import numpy as np
+    import pyarrow as pa
+
+    # int16 ids sort by radix (linear time); more groups than that fall back to a comparison sort
+    order = np.argsort(group.astype(np.int16) if n_groups <= np.iinfo(np.int16).max else group, kind="stable")
+    bounds = np.searchsorted(group[order], np.arange(n_groups + 1))
+    ordered = {k: np.ascontiguousarray(v[order]) for k, v in columns.items()}
+    # chunk starts of every group, in value order; chunk i holds values starts[i]:starts[i + 1]
+    starts = np.concatenate([np.arange(bounds[g], bounds[g + 1], chunk) for g in range(n_groups)] + [[bounds[-1]]])
+    gids = np.repeat(np.arange(n_groups, dtype=np.int32), np.ceil(np.diff(bounds) / chunk).astype(np.int64))
+    step = max(1, ARROW_ROWS // chunk)  # chunks per Arrow batch
+    for first in range(0, len(gids), step):
+        last = min(first + step, len(gids))
+        lo, hi = int(starts[first]), int(starts[last])
+        arrays = [pa.array(gids[first:last])]
+        for v in ordered.values():
+            # zero-copy: the batch's values are one contiguous slice, the chunk starts its offsets
+            offsets = ((starts[first : last + 1] - lo) * v.itemsize).astype(np.int32)
+            arrays.append(pa.Array.from_buffers(pa.binary(), last - first, [None, pa.py_buffer(offsets), pa.py_buffer(v[lo:hi])]))
+        yield pa.RecordBatch.from_arrays(arrays, names=[group_name, *columns])
+
+
+def unpack(arrays: "Any", dtype: "Any") -> "Any":
+    """The values of a packed binary column (an Arrow array or chunked array), concatenated."""
+    import numpy as np
+
+    chunks = getattr(arrays, "chunks", [arrays])
+    parts = []
+    for arr in chunks:
+        if len(arr) == 0:
+            continue
+        offsets = np.frombuffer(arr.buffers()[1], np.int32, count=len(arr) + 1, offset=arr.offset * 4)
+        data = np.frombuffer(arr.buffers()[2], np.uint8, count=int(offsets[-1] - offsets[0]), offset=int(offsets[0]))
+        parts.append(data.view(dtype))
+    return np.concatenate(parts) if parts else np.empty(0, dtype)
+
+
+def _partial_pair_sums(items, n_items: int, budget: int, n_parts: int, chunk: int):
     """mapInArrow function: a task's capped baskets -> partial (key = a * n_items + b, count, weight)
-    sums for a < b, with a and b codes = positions in the sorted vocabulary ``items`` (Arrow strings).
+    sums for a < b, with a and b codes = positions in the sorted vocabulary ``items`` (Arrow strings),
+    packed by reducer part ``key & (n_parts - 1)`` (``n_parts`` a power of two).
 
     Each chunk of sessions becomes a sparse session x item matrix X and the partial sums are the upper
     triangle of X^T X (counts) and X^T diag(1/(m-1)) X (weights). Sessions are flushed once they hold
@@ -195,27 +243,26 @@ def _partial_pair_sums(items, n_items: int, budget: int):
 
     def flush(codes: list, lengths: list):
         import numpy as np
-        import pyarrow as pa
         import scipy.sparse as sp
 
         m = np.concatenate(lengths)
         cols = np.concatenate(codes)
         indptr = np.concatenate([[0], np.cumsum(m)])
-        x = sp.csr_matrix((np.ones(len(cols), dtype=np.int64), cols, indptr), shape=(len(m), n_items))
+        x = sp.csr_matrix((np.ones(len(cols)), cols, indptr), shape=(len(m), n_items))
         xt = x.T.tocsr()
-        c = sp.triu(xt @ x, k=1).tocsr()
-        w = sp.triu(xt @ sp.diags(1.0 / (m - 1)) @ x, k=1).tocsr()
-        c.sort_indices()
-        w.sort_indices()
-        # Both products have X^T X's sparsity pattern (every weight > 0): canonical CSR aligns them.
+        c = xt @ x
+        w = xt @ sp.csr_matrix((np.repeat(1.0 / (m - 1), m), cols, indptr), shape=x.shape)
+        # Same input sparsity -> scipy lists each row's output columns in the same order (no entry is
+        # zero); canonical order only if that ever differs.
+        if not (np.array_equal(c.indptr, w.indptr) and np.array_equal(c.indices, w.indices)):
+            c.sort_indices()
+            w.sort_indices()
         rows = np.repeat(np.arange(n_items, dtype=np.int64), np.diff(c.indptr))
-        key = rows * n_items + c.indices
-        for s in range(0, len(key), ARROW_ROWS):
-            e = s + ARROW_ROWS
-            yield pa.RecordBatch.from_arrays(
-                [pa.array(key[s:e]), pa.array(c.data[s:e].astype(np.int64)), pa.array(w.data[s:e])],
-                names=["key", "count", "weight"],
-            )
+        upper = c.indices > rows  # a < b; the diagonal is the item's own frequency
+        key = rows[upper] * n_items + c.indices[upper]
+        # keyed by the pair, so a hot item's pairs spread over all reducers by their partner
+        cols_out = {"key": key, "count": c.data[upper].astype(np.int32), "weight": w.data[upper]}
+        yield from pack_groups((key & (n_parts - 1)).astype(np.int32), n_parts, cols_out, "part", chunk)
 
     def fn(batches):
         import numpy as np
@@ -240,9 +287,10 @@ def _partial_pair_sums(items, n_items: int, budget: int):
     return fn
 
 
-def _total_pair_sums(n_items: int, buckets, min_count: int):
-    """mapInArrow function: one reducer's partial sums (all partials of its pairs) -> each pair's total
-    count and weight, min-count filter, both orders as integer codes (a, b) with a's output bucket."""
+def _total_pair_sums(n_items: int, buckets, min_count: int, chunk: int):
+    """mapInArrow function: one reducer's packed partial sums (all partials of its pairs) -> each pair's
+    total count and weight, min-count filter, both orders as integer codes (a, b), packed by a's output
+    bucket."""
 
     def fn(batches):
         import numpy as np
@@ -252,29 +300,25 @@ def _total_pair_sums(n_items: int, buckets, min_count: int):
         if not parts:
             return
         table = pa.Table.from_batches(parts)
-        key = np.asarray(table.column("key"))
+        key = unpack(table.column("key"), np.int64)
         order = np.argsort(key, kind="stable")
         key = key[order]
         starts = np.flatnonzero(np.concatenate([[True], key[1:] != key[:-1]]))
-        count = np.add.reduceat(np.asarray(table.column("count"))[order], starts)
-        weight = np.add.reduceat(np.asarray(table.column("weight"))[order], starts)
+        count = np.add.reduceat(unpack(table.column("count"), np.int32).astype(np.int64)[order], starts)
+        weight = np.add.reduceat(unpack(table.column("weight"), np.float64)[order], starts)
+        del table, order
         keep = count >= min_count
         key, count, weight = key[starts][keep], count[keep], weight[keep]
         a, b = key // n_items, key % n_items
-        ia, ib = np.concatenate([a, b]), np.concatenate([b, a])
-        c2, w2 = np.concatenate([count, count]), np.concatenate([weight, weight])
-        for s in range(0, len(ia), ARROW_ROWS):
-            e = s + ARROW_ROWS
-            yield pa.RecordBatch.from_arrays(
-                [pa.array(ia[s:e]), pa.array(ib[s:e]), pa.array(c2[s:e]), pa.array(w2[s:e]), pa.array(buckets[ia[s:e]])],
-                names=["a", "b", "count", "weight", "bucket"],
-            )
+        ia, ib = np.concatenate([a, b]).astype(np.int32), np.concatenate([b, a]).astype(np.int32)
+        cols = {"a": ia, "b": ib, "count": np.concatenate([count, count]).astype(np.int32), "weight": np.concatenate([weight, weight])}
+        yield from pack_groups(buckets[ia], int(buckets.max(initial=0)) + 1, cols, "bucket", chunk)
 
     return fn
 
 
-def _score_coded_pairs(items, freq, n_sessions: int):
-    """mapInArrow function: (a, b, count, weight, bucket) codes -> output rows: item ids, freq_a/freq_b,
+def _score_coded_pairs(items, freq, buckets, n_sessions: int):
+    """mapInArrow function: packed (a, b, count, weight) codes -> output rows: item ids, freq_a/freq_b,
     cosine and PPMI (the definitions of :func:`score_pairs`, vectorised)."""
 
     def fn(batches):
@@ -282,18 +326,30 @@ def _score_coded_pairs(items, freq, n_sessions: int):
         import pyarrow as pa
 
         for batch in batches:
-            ia, ib = np.asarray(batch.column("a")), np.asarray(batch.column("b"))
-            count = np.asarray(batch.column("count"))
-            fa, fb = freq[ia], freq[ib]
-            c = count.astype(np.float64)
-            denom = fa.astype(np.float64) * fb.astype(np.float64)
-            yield pa.RecordBatch.from_arrays(
-                [items.take(ia), items.take(ib), batch.column("count"), batch.column("weight"), pa.array(fa), pa.array(fb),
-                 pa.array(c / np.sqrt(denom)), pa.array(np.maximum(0.0, np.log(c * float(n_sessions) / denom))), batch.column("bucket")],
-                names=["item_a", "item_b", "count", "weight", "freq_a", "freq_b", "cosine", "ppmi", "bucket"],
-            )
+            ia_all, ib_all = unpack(batch.column("a"), np.int32), unpack(batch.column("b"), np.int32)
+            count_all, weight_all = unpack(batch.column("count"), np.int32).astype(np.int64), unpack(batch.column("weight"), np.float64)
+            for s in range(0, len(ia_all), ARROW_ROWS):
+                ia, ib = ia_all[s : s + ARROW_ROWS], ib_all[s : s + ARROW_ROWS]
+                count = count_all[s : s + ARROW_ROWS]
+                fa, fb = freq[ia], freq[ib]
+                c = count.astype(np.float64)
+                denom = fa.astype(np.float64) * fb.astype(np.float64)
+                yield pa.RecordBatch.from_arrays(
+                    [items.take(pa.array(ia)), items.take(pa.array(ib)), pa.array(count), pa.array(weight_all[s : s + ARROW_ROWS]),
+                     pa.array(fa), pa.array(fb), pa.array(c / np.sqrt(denom)),
+                     pa.array(np.maximum(0.0, np.log(c * float(n_sessions) / denom))), pa.array(buckets[ia])],
+                    names=["item_a", "item_b", "count", "weight", "freq_a", "freq_b", "cosine", "ppmi", "bucket"],
+                )  # fmt: skip
 
     return fn
+
+
+def packed_chunk(spark: "SparkSession") -> int:
+    """Pairs per packed value: an Arrow batch of packed rows (up to maxRecordsPerBatch of them, 8-byte
+    values) must stay under Arrow's 2 GiB binary column limit."""
+    max_rows = int(spark.conf.get("spark.sql.execution.arrow.maxRecordsPerBatch", "10000") or 10000)
+    max_rows = max_rows if max_rows > 0 else 10000
+    return max(1, min(1 << 16, ARROW_BINARY_LIMIT // (8 * max_rows)))
 
 
 def scored_pairs_vectorised(
@@ -306,13 +362,14 @@ def scored_pairs_vectorised(
     budget: int = 20_000_000,
 ) -> "DataFrame":
     """Same rows as ``add_bucket(score_pairs(pair_counts(capped), ...))``, counted with sparse matrix
-    products, already partitioned by ``bucket`` (one task per bucket: one file per bucket).
+    products, already partitioned by ``bucket``.
 
     ``vocab`` is a pandas DataFrame (item, freq, bucket) of every item in ``capped``. Each task sums its
     own sessions' pairs over integer item codes (numpy/scipy); the pair shuffle carries these partial
-    sums keyed by the pair code -- keyed by the pair, so a hot item's pairs spread over all reducers by
-    their partner -- and each reducer totals and filters its pairs. Only then, as compact integer rows,
-    are the kept pairs moved to their output bucket, where item ids and scores are filled in.
+    sums, packed, keyed by the pair code -- keyed by the pair, so a hot item's pairs spread over all
+    reducers by their partner -- and each reducer totals and filters its pairs. Only then, still as
+    packed integer codes, are the kept pairs moved to their output bucket, where item ids and scores are
+    filled in.
     """
     import numpy as np
     import pyarrow as pa
@@ -323,22 +380,27 @@ def scored_pairs_vectorised(
     freq = np.asarray(vocab["freq"], dtype=np.int64)
     buckets = np.asarray(vocab["bucket"], dtype=np.int32)
     n_items = max(1, len(items))
-    shared = capped.sparkSession.sparkContext.broadcast((items, freq, buckets))  # once per executor, not per task
+    spark = capped.sparkSession
+    chunk = packed_chunk(spark)
+    # Several parts per reducer (hash partitioning of a few part ids balances badly); a power of two, so
+    # a pair's part is the low bits of its key.
+    n_parts = 1 << max(2, (4 * partitions - 1).bit_length())
+    shared = spark.sparkContext.broadcast((items, freq, buckets))  # once per executor, not per task
     multi = capped.filter(F.col("m") >= 2).select("session_id", "kept")
     # Spread sessions (not items) over tasks: one huge input file or session never pins one task.
     multi = multi.repartition(partitions, F.xxhash64("session_id")).select("kept")
 
     def count(batches):
-        return _partial_pair_sums(shared.value[0], n_items, budget)(batches)
+        return _partial_pair_sums(shared.value[0], n_items, budget, n_parts, chunk)(batches)
 
     def total(batches):
-        return _total_pair_sums(n_items, shared.value[2], min_count)(batches)
+        return _total_pair_sums(n_items, shared.value[2], min_count, chunk)(batches)
 
     def score(batches):
-        return _score_coded_pairs(shared.value[0], shared.value[1], n_sessions)(batches)
+        return _score_coded_pairs(shared.value[0], shared.value[1], shared.value[2], n_sessions)(batches)
 
-    partial = multi.mapInArrow(count, PAIR_KEY_SCHEMA)
-    totals = partial.repartition(partitions, "key").mapInArrow(total, CODED_SCHEMA)
+    partial = multi.mapInArrow(count, PAIR_BLOB_SCHEMA)
+    totals = partial.repartition(partitions, "part").mapInArrow(total, CODED_BLOB_SCHEMA)
     return totals.repartition(n_buckets, "bucket").mapInArrow(score, SCORED_SCHEMA)
 
 
