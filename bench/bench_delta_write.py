@@ -1,24 +1,66 @@
 """Delta data source write throughput vs plain ``df.write.parquet`` on the same data, same run.
 
-Writes the Online Retail events (after ingest's mapping, ~520k rows) N times each way on local[2] and
-prints rows/s (median of N) and the ratio. The Delta path includes everything a real write does:
-Arrow transfer to Python tasks, Parquet encoding, file statistics and the delta-rs commit.
+Writes the Online Retail events (after ingest's column mapping, ~540k rows, cached) N times each way
+on local[2] and prints rows/s (median of N) and the ratio. The Delta path includes everything a real
+write does: the Arrow transfer to Python tasks, Parquet encoding, file statistics, the delta-rs commit
+and the orphan sweep.
 
-    python bench/bench_delta_write.py [--repeats 3] [--rows 0]
+It also writes the same data through a Python ``DataSourceArrowWriter`` that discards its batches. That
+is the floor any Python data source pays: Spark's row -> Arrow conversion and the transfer to a Python
+worker. It then prints where the Delta write's time went (task seconds summed over tasks, and the
+driver's commit and clean-up; the writer reports them, see ``common.delta_source.write_timings``).
+
+    python bench/bench_delta_write.py [--repeats 3] [--partitions 4]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+import os
 import shutil
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
+from pyspark.sql.datasource import DataSource, DataSourceArrowWriter, WriterCommitMessage
+
 from common import lake as L
 from common.spark import get_spark
 from spark_jobs import ingest
+
+
+class _Discard(DataSource):
+    """``format("bench_discard")``: a Python Arrow writer that only counts rows."""
+
+    @classmethod
+    def name(cls) -> str:
+        return "bench_discard"
+
+    def writer(self, schema, overwrite: bool) -> "_DiscardWriter":
+        return _DiscardWriter()
+
+
+class _DiscardWriter(DataSourceArrowWriter):
+    def write(self, iterator):
+        for _ in iterator:  # consume every batch: the conversion and transfer are what is measured
+            pass
+        return WriterCommitMessage()
+
+
+class _Timings(logging.Handler):
+    """Collects the writer's per-write timing line (``... seconds {json}``)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.runs: list[dict[str, float]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        msg = record.getMessage()
+        if "; seconds {" in msg:
+            self.runs.append(json.loads(msg.split("; seconds ", 1)[1]))
 
 
 def main() -> None:
@@ -27,6 +69,11 @@ def main() -> None:
     ap.add_argument("--partitions", type=int, default=4)
     args = ap.parse_args()
     spark = get_spark("bench-delta-write", conf={"spark.ui.showConsoleProgress": "false"})
+    spark.dataSource.register(_Discard)
+    timings = _Timings()
+    src_log = logging.getLogger("common.delta_source")
+    src_log.addHandler(timings)
+    src_log.setLevel(logging.INFO)
     cfg = ingest.resolve(ingest.online_retail_preset("unused"))
     raw = ingest.read_source(spark, cfg.events, "parquet")
     events = ingest.event_ids(ingest.map_events(ingest.with_raw(raw), cfg))
@@ -34,22 +81,33 @@ def main() -> None:
     events = events.repartition(args.partitions).cache()
     n = events.count()
     work = Path(tempfile.mkdtemp(prefix="bench-delta-"))
-    delta_t, parquet_t = [], []
+    t = {"delta": [], "parquet": [], "discard": []}
+    load0 = os.getloadavg()[0]
     for i in range(args.repeats):
         lake = str(work / f"lake{i}")
         t0 = time.perf_counter()
         L.write_spark(events, lake, "events", "overwrite", {"job": "bench"})
-        delta_t.append(time.perf_counter() - t0)
+        t["delta"].append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         events.write.mode("overwrite").parquet(str(work / f"parquet{i}"))
-        parquet_t.append(time.perf_counter() - t0)
+        t["parquet"].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        events.write.format("bench_discard").mode("append").save()
+        t["discard"].append(time.perf_counter() - t0)
         assert L.read_arrow(lake, "events", columns=["event_id"]).num_rows == n
-    d, p = statistics.median(delta_t), statistics.median(parquet_t)
-    print(f"rows: {n:,}  partitions: {args.partitions}  repeats: {args.repeats}")
-    print(f"{'writer':<28}{'median s':>10}{'rows/s':>14}")
-    print(f"{'prodrep_delta (delta-rs)':<28}{d:>10.2f}{n / d:>14,.0f}")
-    print(f"{'df.write.parquet':<28}{p:>10.2f}{n / p:>14,.0f}")
-    print(f"ratio delta/parquet throughput: {p / d:.2f}")
+    med = {k: statistics.median(v) for k, v in t.items()}
+    print(f"rows: {n:,}  partitions: {args.partitions}  repeats: {args.repeats}  cpus: {os.cpu_count()}  "
+          f"load-avg(1m) start/end: {load0:.1f}/{os.getloadavg()[0]:.1f}")  # fmt: skip
+    print(f"{'writer':<40}{'median s':>10}{'rows/s':>14}   runs")
+    for key, label in (("delta", "prodrep_delta (delta-rs)"), ("parquet", "df.write.parquet"), ("discard", "Python Arrow writer, discards (floor)")):
+        print(f"{label:<40}{med[key]:>10.2f}{n / med[key]:>14,.0f}   {[round(x, 2) for x in t[key]]}")
+    print(f"ratio delta/parquet throughput: {med['parquet'] / med['delta']:.2f}")
+    print(f"ratio floor/parquet throughput: {med['parquet'] / med['discard']:.2f}  (the best any Python data source can reach)")
+    if timings.runs:
+        keys = list(timings.runs[0])
+        print("delta write breakdown, median over runs (task seconds are summed over tasks, run 2 at a time):")
+        for k in keys:
+            print(f"  {k:<10}{statistics.median(r.get(k, 0.0) for r in timings.runs):>8.2f} s")
     shutil.rmtree(work, ignore_errors=True)
 
 

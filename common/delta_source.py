@@ -275,10 +275,13 @@ class DeltaReader(DataSourceReader):
 # ---------------------------------------------------------------------------------------------- writer
 @dataclass
 class DeltaCommitMessage(WriterCommitMessage):
-    """What one task wrote: Delta add actions (as dicts) and the row count."""
+    """What one task wrote: Delta add actions (as dicts), the row count and where its time went
+    (seconds: ``receive`` = waiting for and conforming Arrow batches, ``parquet`` = encoding and
+    writing files, ``stats`` = file statistics)."""
 
     adds: list[dict[str, Any]]
     rows: int
+    seconds: dict[str, float] = field(default_factory=dict)
 
 
 class DeltaWriter(DataSourceArrowWriter):
@@ -312,10 +315,12 @@ class DeltaWriter(DataSourceArrowWriter):
         buffers: dict[tuple, list[pa.Table]] = {}
         adds: list[dict[str, Any]] = []
         rows = 0
+        spent = {"receive": 0.0, "parquet": 0.0, "stats": 0.0}
 
         def flush(key: tuple, tables: list[pa.Table]) -> None:
             if not tables:
                 return
+            t0 = time.perf_counter()
             data = pa.concat_tables(tables)
             pv = dict(zip(self.partition_by, key))
             subdir = "/".join(f"{c}={_escape(v)}" for c, v in pv.items())
@@ -325,6 +330,10 @@ class DeltaWriter(DataSourceArrowWriter):
                 fs.create_dir(f"{root}/{subdir}", recursive=True)
             pq.write_table(data, full, filesystem=fs, compression="snappy")
             size = fs.get_file_info(full).size
+            t1 = time.perf_counter()
+            stats = _stats(data)
+            spent["parquet"] += t1 - t0
+            spent["stats"] += time.perf_counter() - t1
             adds.append(
                 {
                     "path": rel,
@@ -332,11 +341,12 @@ class DeltaWriter(DataSourceArrowWriter):
                     "partition_values": pv,
                     "modification_time": int(time.time() * 1000),
                     "data_change": True,
-                    "stats": _stats(data),
+                    "stats": stats,
                 }
             )
 
         fs.create_dir(root, recursive=True)
+        t_recv = time.perf_counter()
         for batch in iterator:
             table = self._conform(pa.Table.from_batches([batch]))
             rows += len(table)
@@ -348,14 +358,17 @@ class DeltaWriter(DataSourceArrowWriter):
                 buf = buffers.setdefault(key, [])
                 buf.append(part.select(data_schema.names))
                 if sum(len(t) for t in buf) >= self.target_file_rows:
+                    spent["receive"] += time.perf_counter() - t_recv
                     flush(key, buf)
                     buffers[key] = []
+                    t_recv = time.perf_counter()
+        spent["receive"] += time.perf_counter() - t_recv
         for key, buf in buffers.items():
             flush(key, buf)
         if os.environ.get("PRODREP_FAULT") == "delta:task_attempt" and task == "00000-0":
             # test hook: the first attempt of task 0 fails after writing its files (a retried task)
             raise RuntimeError(f"PRODREP_FAULT=delta:task_attempt: injected failure of task {task} of {self.uri}")
-        return DeltaCommitMessage(adds=adds, rows=rows)
+        return DeltaCommitMessage(adds=adds, rows=rows, seconds=spent)
 
     def _conform(self, table: pa.Table) -> pa.Table:
         cols = []
@@ -397,6 +410,7 @@ class DeltaWriter(DataSourceArrowWriter):
         props = CommitProperties(custom_metadata={"userMetadata": meta}, max_commit_retries=0)
         so = _storage(self.options)
         committed = {a.path for a in adds}
+        t0 = time.perf_counter()
         _commit_barrier()
         if os.environ.get("PRODREP_FAULT") == "delta:before_commit":  # test hook: the driver dies mid-write
             _kill_driver()
@@ -413,11 +427,15 @@ class DeltaWriter(DataSourceArrowWriter):
             raise
         # Failed attempts of retried tasks leave files no message mentions: sweep them, then orphans of
         # dead jobs (killed drivers / tasks that outlived them).
+        t1 = time.perf_counter()
         self._delete_job_files(keep=committed)
         self._release()
         swept = sweep_orphans(self.uri, so)
         if swept:
             log.info("swept %d orphan data file(s) of dead writers from %s", swept, self.uri)
+        self.timings = write_timings(messages, commit=t1 - t0, cleanup=time.perf_counter() - t1)
+        log.info("wrote %d rows in %d file(s) to %s; seconds %s", sum(m.rows for m in messages if m is not None), len(adds), self.uri,
+                 json.dumps(self.timings))  # fmt: skip
 
     def _try_commit(self, adds: list, props, so: dict[str, str] | None) -> bool:
         """One commit attempt against the latest version; False = lost a race (retry after re-checking)."""
@@ -535,6 +553,18 @@ class DeltaWriter(DataSourceArrowWriter):
 JOBS_DIR = "_prodrep_jobs"  # one marker per live writer; Delta readers ignore "_" directories
 ORPHAN_MAX_AGE_S = float(os.environ.get("PRODREP_ORPHAN_MAX_AGE_S", 24 * 3600))
 _JOB_FILE = re.compile(r"part-([0-9a-f]{12})-")
+
+
+def write_timings(messages: Sequence[DeltaCommitMessage | None], commit: float, cleanup: float) -> dict[str, float]:
+    """Where a write's time went: task seconds summed over tasks (``receive``, ``parquet``, ``stats``;
+    see :class:`DeltaCommitMessage`) and the driver's ``commit`` and ``cleanup`` (own leftovers and the
+    orphan sweep) wall seconds."""
+    out = {"receive": 0.0, "parquet": 0.0, "stats": 0.0}
+    for m in messages:
+        for k, v in (m.seconds if m is not None else {}).items():
+            out[k] = out.get(k, 0.0) + v
+    out.update(commit=commit, cleanup=cleanup)
+    return {k: round(v, 3) for k, v in out.items()}
 
 
 def _latest_version(uri: str, so: dict[str, str] | None) -> int:

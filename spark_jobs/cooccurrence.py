@@ -287,7 +287,36 @@ def _partial_pair_sums(items, n_items: int, budget: int, n_parts: int, chunk: in
     return fn
 
 
-def _total_pair_sums(n_items: int, buckets, min_count: int, chunk: int):
+def sum_by_key(key: "Any", count: "Any", weight: "Any", n_parts: int) -> tuple["Any", "Any", "Any"]:
+    """Total count and weight of every distinct pair code in ``key`` (all codes of a reducer's parts,
+    part = ``key & (n_parts - 1)``): (distinct keys, int64 counts, float64 weights).
+
+    When the reducer's share of the key space is small next to its number of partial sums (a catalog
+    of a few thousand items: n_items^2 / n_parts codes per part), the sums are one ``np.bincount`` over
+    a dense index (linear time); otherwise a sort groups the keys."""
+    import numpy as np
+
+    if not len(key):
+        return key, count.astype(np.int64), weight
+    shift = n_parts.bit_length() - 1
+    present = np.flatnonzero(np.bincount(key & (n_parts - 1), minlength=n_parts))
+    dense = (int(key.max() >> shift) + 1) * len(present)
+    if dense <= min(max(4 * len(key), 1 << 20), 1 << 27):
+        slot = np.zeros(n_parts, np.int64)
+        slot[present] = np.arange(len(present))
+        idx = (key >> shift) * len(present) + slot[key & (n_parts - 1)]
+        # exact: counts are integers far below 2^53; every partial count is >= 1, so nonzero = present
+        total = np.bincount(idx, weights=count, minlength=dense)
+        nz = np.flatnonzero(total)
+        high, s = np.divmod(nz, len(present))
+        return (high << shift) | present[s], total[nz].astype(np.int64), np.bincount(idx, weights=weight, minlength=dense)[nz]
+    order = np.argsort(key, kind="stable")
+    key = key[order]
+    starts = np.flatnonzero(np.concatenate([[True], key[1:] != key[:-1]]))
+    return key[starts], np.add.reduceat(count.astype(np.int64)[order], starts), np.add.reduceat(weight[order], starts)
+
+
+def _total_pair_sums(n_items: int, buckets, min_count: int, chunk: int, n_parts: int):
     """mapInArrow function: one reducer's packed partial sums (all partials of its pairs) -> each pair's
     total count and weight, min-count filter, both orders as integer codes (a, b), packed by a's output
     bucket."""
@@ -300,15 +329,13 @@ def _total_pair_sums(n_items: int, buckets, min_count: int, chunk: int):
         if not parts:
             return
         table = pa.Table.from_batches(parts)
-        key = unpack(table.column("key"), np.int64)
-        order = np.argsort(key, kind="stable")
-        key = key[order]
-        starts = np.flatnonzero(np.concatenate([[True], key[1:] != key[:-1]]))
-        count = np.add.reduceat(unpack(table.column("count"), np.int32).astype(np.int64)[order], starts)
-        weight = np.add.reduceat(unpack(table.column("weight"), np.float64)[order], starts)
-        del table, order
+        key, count, weight = sum_by_key(
+            unpack(table.column("key"), np.int64), unpack(table.column("count"), np.int32),
+            unpack(table.column("weight"), np.float64), n_parts,
+        )  # fmt: skip
+        del table
         keep = count >= min_count
-        key, count, weight = key[starts][keep], count[keep], weight[keep]
+        key, count, weight = key[keep], count[keep], weight[keep]
         a, b = key // n_items, key % n_items
         ia, ib = np.concatenate([a, b]).astype(np.int32), np.concatenate([b, a]).astype(np.int32)
         cols = {"a": ia, "b": ib, "count": np.concatenate([count, count]).astype(np.int32), "weight": np.concatenate([weight, weight])}
@@ -394,7 +421,7 @@ def scored_pairs_vectorised(
         return _partial_pair_sums(shared.value[0], n_items, budget, n_parts, chunk)(batches)
 
     def total(batches):
-        return _total_pair_sums(n_items, shared.value[2], min_count, chunk)(batches)
+        return _total_pair_sums(n_items, shared.value[2], min_count, chunk, n_parts)(batches)
 
     def score(batches):
         return _score_coded_pairs(shared.value[0], shared.value[1], shared.value[2], n_sessions)(batches)

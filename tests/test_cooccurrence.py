@@ -156,3 +156,25 @@ def test_config_validation():
         C.CooccurrenceConfig(max_session_items=1).validate()
     with pytest.raises(C.ConfigError, match="min_count"):
         C.CooccurrenceConfig(min_count=0).validate()
+
+
+@pytest.mark.parametrize("high", [50, 10**9], ids=["dense-bincount", "sorted"])
+def test_sum_by_key_matches_counter(high):
+    """The reducer's per-pair totals, on either path (small key space -> bincount, large -> sort), equal
+    a Counter over the partial sums; keys come from several parts as a reducer receives them."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    n_parts = 16
+    key = (rng.integers(0, high, 5000) << 4) | rng.choice([1, 6, 7, 12], 5000)
+    count = rng.integers(1, 5, 5000).astype(np.int32)
+    weight = rng.random(5000)
+    ref_c, ref_w = Counter(), defaultdict(float)
+    for k, c, w in zip(key.tolist(), count.tolist(), weight.tolist()):
+        ref_c[k] += c
+        ref_w[k] += w
+    keys, counts, weights = C.sum_by_key(key, count, weight, n_parts)
+    assert sorted(keys.tolist()) == sorted(ref_c) and len(set(keys.tolist())) == len(keys)
+    assert {k: c for k, c in zip(keys.tolist(), counts.tolist())} == dict(ref_c)
+    for k, w in zip(keys.tolist(), weights.tolist()):
+        assert w == pytest.approx(ref_w[k], rel=1e-12)
