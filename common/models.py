@@ -292,16 +292,25 @@ def read_vectors(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
 @contextlib.contextmanager
 def quiet_transformers(quiet: bool = True) -> Iterator[None]:
     """Hold transformers' logging at ERROR inside the block (when ``quiet``), then restore its level:
-    for loads whose notices are expected (an MLM head dropped, or freshly initialised)."""
+    for loads whose notices are expected (an MLM head dropped, or freshly initialised). Its "Loading
+    weights" / "Writing model shards" bars are off too when stderr is not a terminal (a log file, a
+    Spark or Ray worker): there every redraw would be one more line."""
     from transformers.utils import logging as hf_logging
 
+    from common.progress import interactive
+
     verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
     if quiet:
         hf_logging.set_verbosity_error()
+    if bars and not interactive():
+        hf_logging.disable_progress_bar()
     try:
         yield
     finally:
         hf_logging.set_verbosity(verbosity)
+        if bars and not hf_logging.is_progress_bar_enabled():
+            hf_logging.enable_progress_bar()
 
 
 def pool(hidden: Any, attention_mask: Any, pooling: str = "mean") -> Any:

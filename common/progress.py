@@ -16,6 +16,20 @@ import sys
 # crashed controller's resources, and a local Ray dies with the driver anyway.
 NOISE: tuple[tuple[str, str], ...] = (
     ("ray.train.v2._internal.execution.controller.placement_group_cleaner", "Failed to query Ray Train Controller actor state"),
+    # once per Ray process: says how to turn on what we turned off on purpose (not a terminal)
+    ("ray.data._internal.progress", "Progress bars disabled"),
+    # Ray Train echoes every ray.train.report() of every rank in full; the trainers log their own
+    # one-line summary per epoch / eval on rank 0 (this logger is named after its file by Ray)
+    ("file:ray.train.v2._internal.execution.context", "Reporting training result"),
+    ("ray.data._internal.datasource.parquet_datasource", "Estimated parquet"),
+)
+# (category, message regex) of Python warnings with nothing to act on:
+# - torch's autograd-aware all_gather (InfoNCE needs the gradient through the gather) is deprecated in
+#   favour of a private API; it still works in the pinned torch, and the warning repeats every batch;
+# - Ray Data's own internals pass a deprecated option (exclude_resources) to themselves.
+WARNINGS: tuple[tuple[type[Warning], str], ...] = (
+    (FutureWarning, r"torch\.distributed\.nn\.functional\.all_gather is deprecated"),
+    (Warning, r"`ExecutionOptions\.exclude_resources` is deprecated"),
 )
 
 
@@ -41,11 +55,28 @@ class _DropNoise(logging.Filter):
         return not str(record.msg).startswith(self.prefix)
 
 
+def _logger_name(name: str) -> str:
+    """``file:<module>`` names the logger a module created with ``getLogger(__file__)``."""
+    if not name.startswith("file:"):
+        return name
+    import importlib.util
+
+    spec = importlib.util.find_spec(name[5:])
+    return spec.origin if spec is not None and spec.origin else name[5:]
+
+
 def install_log_filters() -> None:
     """Drop the :data:`NOISE` warnings in this process (idempotent). Also used as Ray's
     ``worker_process_setup_hook``, since the warnings are raised inside Ray's own actors."""
+    import warnings
+
+    for category, message in WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
+    # py4j logs every closed callback connection at INFO, with a traceback when Spark's gateway has
+    # already gone (e.g. while Ray starts beside it): nothing for the user
+    logging.getLogger("py4j").setLevel(logging.WARNING)
     for name, prefix in NOISE:
-        logger = logging.getLogger(name)
+        logger = logging.getLogger(_logger_name(name))
         if not any(isinstance(f, _DropNoise) and f.prefix == prefix for f in logger.filters):
             logger.addFilter(_DropNoise(prefix))
 
@@ -57,3 +88,26 @@ def configure_ray_output() -> None:
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = interactive()
     install_log_filters()
+
+
+class Heartbeat:
+    """Progress of a loop inside a Spark or Ray worker as log lines: at most one every ``every_s``
+    seconds, plus the ones forced at milestones (an eval, an epoch's end). A worker's output reaches
+    the user line by line, so a redrawing bar there is one line per redraw whether or not the driver
+    has a terminal. Silent when not ``enabled`` (e.g. every rank but 0)."""
+
+    def __init__(self, logger: logging.Logger, every_s: float = 30.0, enabled: bool = True) -> None:
+        import time
+
+        self.logger, self.every_s, self.enabled = logger, every_s, enabled
+        self._clock = time.perf_counter
+        self._last = self._clock()
+
+    def beat(self, msg: str, *args: object, force: bool = False) -> bool:
+        """Log ``msg % args`` if forced or ``every_s`` has passed since the last line; True if logged."""
+        now = self._clock()
+        if not self.enabled or (not force and now - self._last < self.every_s):
+            return False
+        self.logger.info(msg, *args)
+        self._last = now
+        return True

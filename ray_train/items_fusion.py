@@ -6,6 +6,7 @@ InfoNCE). See :mod:`ray_train.items` for the method and the numbers behind the d
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ from common.models import pool
 from ray_train.data import pad_batch
 from ray_train.losses import info_nce
 from ray_train.losses.infonce import _distributed
+
+log = logging.getLogger(__name__)
 
 
 # ============================================================================================ models
@@ -188,8 +191,8 @@ def train_id_stage(cfg: Any, stage: FusionStage, shard: Any, rank: int, world: i
 def _refine_ids(cfg: Any, model: Any, tau: float, shard: Any, rank: int, world: int, device: Any) -> dict[str, Any]:
     """``id_epochs`` InfoNCE passes over the pairs on ``normalize(t + e)``, sides dropping their ID vector."""
     import ray.train
-    from tqdm.auto import tqdm
 
+    from common.progress import Heartbeat
     from ray_train.items_loop import linear_schedule
 
     job = cfg.job
@@ -199,11 +202,12 @@ def _refine_ids(cfg: Any, model: Any, tau: float, shard: Any, rank: int, world: 
     sched = linear_schedule(opt, total, 0)
     gen = torch.Generator().manual_seed(job.seed * 7919 + rank)
     step, seen, losses, t1 = 0, 0, [], time.perf_counter()
+    beat = Heartbeat(log, enabled=rank == 0)
     for epoch in range(job.id_epochs):
         run_loss, run_n = 0.0, 0
         batches = shard.iter_torch_batches(batch_size=bs, drop_last=True, local_shuffle_buffer_size=bs * 4,
                                            local_shuffle_seed=job.seed + 100 + epoch)  # fmt: skip
-        for batch in tqdm(batches, desc=f"id epoch {epoch}", disable=rank != 0, mininterval=10, unit="batch"):
+        for batch in batches:
             if step >= total:
                 break
             a, b = batch["a"].long().to(device), batch["b"].long().to(device)  # (B,) each
@@ -218,7 +222,9 @@ def _refine_ids(cfg: Any, model: Any, tau: float, shard: Any, rank: int, world: 
             opt.step()
             sched.step()
             step, seen, run_loss, run_n = step + 1, seen + len(a) * world, run_loss + float(loss.detach()), run_n + 1
+            beat.beat("fusion id refinement epoch %d/%d: step %d/%d, loss %.4f", epoch + 1, job.id_epochs, step, total, run_loss / run_n)
         losses.append(run_loss / max(1, run_n))
+        beat.beat("fusion id refinement epoch %d/%d done: step %d/%d, loss %.4f", epoch + 1, job.id_epochs, step, total, losses[-1], force=True)
         ray.train.report({"id_epoch": epoch, "id_step": step, "id_loss": losses[-1]})
     elapsed = time.perf_counter() - t1
     return dict(id_loss=losses[-1], id_first_epoch_loss=losses[0], id_steps=step, id_pairs_seen=seen,

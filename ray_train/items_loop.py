@@ -139,12 +139,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 def _train_epochs(cfg: ItemsWorkerConfig, stage: Any, sched: Any, progress: _Progress, shard: Any, total_steps: int,
                   rank: int, world: int) -> None:  # fmt: skip
     """The epochs left (one checkpoint each), every worker stopping at the same ``total_steps``."""
-    from tqdm.auto import tqdm
-
+    from common.progress import Heartbeat
     from ray_train.runtime import report_checkpoint
 
     bs, seed = cfg.batch_size, cfg.job.seed
     t0 = time.perf_counter()
+    beat = Heartbeat(log, enabled=rank == 0)
     for epoch in range(progress.first_epoch, cfg.job.epochs):
         if progress.step >= total_steps:
             break
@@ -152,7 +152,7 @@ def _train_epochs(cfg: ItemsWorkerConfig, stage: Any, sched: Any, progress: _Pro
         run_loss, run_n = 0.0, 0
         batches = shard.iter_torch_batches(batch_size=bs, drop_last=True, local_shuffle_buffer_size=bs * 8,
                                            local_shuffle_seed=seed + epoch)  # fmt: skip
-        for batch in tqdm(batches, desc=f"epoch {epoch}", disable=rank != 0, mininterval=10, unit="batch"):
+        for batch in batches:
             if progress.step >= total_steps:
                 break  # equal split rounds shards differently: every worker stops at the same step
             a, b = batch["a"].long(), batch["b"].long()  # (B,) each: positive pairs of item indices
@@ -163,10 +163,13 @@ def _train_epochs(cfg: ItemsWorkerConfig, stage: Any, sched: Any, progress: _Pro
             progress.seen += len(a) * world
             run_loss += float(loss.detach())
             run_n += 1
+            beat.beat("%s epoch %d/%d: step %d/%d, loss %.4f", cfg.job.kind, epoch + 1, cfg.job.epochs, progress.step, total_steps, run_loss / run_n)
         elapsed = time.perf_counter() - t0
         rec = {"epoch": epoch, "step": progress.step, "loss": run_loss / max(1, run_n), "pairs_seen": progress.seen,
                "pairs_per_s": progress.seen / max(elapsed, 1e-9), "elapsed_s": elapsed, **stage.epoch_record()}  # fmt: skip
         progress.history.append(rec)
+        beat.beat("%s epoch %d/%d done: step %d/%d, loss %.4f, %.0f pairs/s", cfg.job.kind, epoch + 1, cfg.job.epochs,
+                  progress.step, total_steps, rec["loss"], rec["pairs_per_s"], force=True)  # fmt: skip
         report_checkpoint(rec, rank, progress.to_checkpoint(stage, sched, epoch) if rank == 0 else None, STATE_FILE)
     if progress.step == 0:
         raise InputError("no training batch: the pair sample is smaller than one batch per worker; raise --pairs or lower --batch-size")

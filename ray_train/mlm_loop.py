@@ -19,6 +19,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from common.config import InputError
+from common.progress import Heartbeat
 from ray_train.mlm import METRICS_FILE, STATE_FILE, MLMConfig, build_model, evaluate_nll, perplexity, train_step
 
 log = logging.getLogger(__name__)
@@ -277,7 +278,7 @@ def _train(w: _Worker, state: MLMLoopState) -> bool:
 
     job = w.cfg.job
     stream, steplog, stopped_early = _batch_stream(w, state), _StepLog(w.world), False
-    pbar = _progress_bar(job.max_steps, state.step) if w.rank == 0 else None
+    beat = Heartbeat(log, enabled=w.rank == 0)
     while state.step < job.max_steps:
         micro = [next(stream) for _ in range(job.grad_accum)]  # each (B, T)
         lr = w.scheduler.get_last_lr()[0]
@@ -285,18 +286,18 @@ def _train(w: _Worker, state: MLMLoopState) -> bool:
         out = train_step(w.loss_module, w.optimizer, w.scheduler, micro, w.device, job.max_grad_norm)
         state.step += 1
         steplog.add(state.step, out, lr)
-        if pbar is not None:
-            pbar.update(1)
         is_last = state.step == job.max_steps
         do_eval = state.step % job.eval_interval == 0 or is_last
         if state.step % job.log_interval == 0 or do_eval:
             steplog.flush(state.history)
-            if pbar is not None and "loss" in state.history[-1]:
-                pbar.set_postfix(loss=state.history[-1]["loss"])
+            beat.beat("train-mlm step %d/%d: loss %.4f, %s tokens/s", state.step, job.max_steps, state.last_loss() or float("nan"),
+                      state.history[-1].get("tokens_per_s", "?"))  # fmt: skip
         metrics: dict[str, Any] = {"step": state.step, "loss": state.last_loss()}
         if do_eval:
             metrics["val_ppl"] = ppl = w.evaluate()
             stopped_early = state.record_eval(ppl, w.mlm, job.patience)
+            beat.beat("train-mlm step %d/%d: val perplexity %.2f (best %.2f at step %d)", state.step, job.max_steps, ppl,
+                      state.best_ppl, state.best_step, force=True)  # fmt: skip
         interrupted = bool(job.stop_at_step) and state.step == job.stop_at_step
         finished = is_last or stopped_early
         if (state.step % job.checkpoint_interval == 0 or interrupted) and not finished:
@@ -305,15 +306,7 @@ def _train(w: _Worker, state: MLMLoopState) -> bool:
             ray.train.report(metrics)
         if interrupted or finished:
             break
-    if pbar is not None:
-        pbar.close()
     return stopped_early
-
-
-def _progress_bar(total: int, initial: int) -> Any:
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, desc="train-mlm", disable=None)
 
 
 def _finish(w: _Worker, state: MLMLoopState, stopped_early: bool) -> None:

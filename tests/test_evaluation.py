@@ -274,3 +274,25 @@ def test_item2vec_fits_cached_by_session_content(lake, tmp_path):
     run(cfg)
     assert cache_stats()["hits"] == 0
 
+
+
+def test_item2vec_halving_fits_the_leader_only_at_more_epochs():
+    """Halving fits every ns_exponent at the fewest epochs, then more epochs for the leader alone; it
+    picks the same point as the full grid when the leader stays ahead (here: one ns, two epochs), and
+    a grid point it never fitted cannot be chosen."""
+    pytest.importorskip("gensim")
+    ctx = _context()
+    kw = {"seed": 0, "workers": 1, "min_count": 1}
+    grid = B.item2vec_grid((1, 2), (-0.5, 0.75), (1e-3,))
+    full, full_rows = B.tune_item2vec(ctx, grid, k=5, search="grid", **kw)
+    half, half_rows = B.tune_item2vec(ctx, grid, k=5, search="halving", **kw)
+    assert len(full_rows) == 4 and len(half_rows) == 3
+    assert [r["epochs"] for r in half_rows] == [1, 1, 2]
+    lead = max(half_rows[:2], key=lambda r: r["val_recall@5"])  # ties: the first row
+    assert half_rows[2]["ns_exponent"] == lead["ns_exponent"]
+    assert {**half.__dict__} in [{k: r[k] for k in ("epochs", "ns_exponent", "sample")} for r in half_rows]
+    one_ns = B.item2vec_grid((1, 2), (0.75,), (1e-3,))
+    assert B.tune_item2vec(ctx, one_ns, k=5, search="halving", **kw)[0] == B.tune_item2vec(ctx, one_ns, k=5, search="grid", **kw)[0]
+    assert full in grid
+    with pytest.raises(ValueError, match="halving"):
+        B.tune_item2vec(ctx, grid, k=5, search="random", **kw)

@@ -247,27 +247,51 @@ def tune_item2vec(
     k: int = 20,
     batch_size: int = 1024,
     cache: "FitCache | None" = None,
+    search: str = "grid",
     **fit_kw: Any,
 ) -> tuple[Item2VecParams, list[dict[str, Any]]]:
     """Pick the grid point with the best Recall@k on ``val_ctx`` (built from the tuning-train sessions
-    and the val sessions; never the test split)."""
+    and the val sessions; never the test split).
+
+    ``search="grid"`` fits every point. ``search="halving"`` fits every (ns_exponent, sample) pair at
+    the fewest epochs only, then each larger epoch count for the best pair so far alone: a fit costs
+    about its epochs, so this skips the costliest fits of settings that already lost (successive
+    halving over epochs, as in Hyperband). The rows list only the fitted points."""
     from common.evaluation.metrics import recall_at_k
     from common.evaluation.protocol import evaluate_scores
 
     if not grid:
         raise ValueError("item2vec grid is empty: give at least one value for epochs, ns_exponent and sample")
+    if search not in ("grid", "halving"):
+        raise ValueError(f"item2vec search {search!r}: use 'grid' or 'halving'")
     rows: list[dict[str, Any]] = []
-    best: tuple[float, int] | None = None
-    for i, p in enumerate(grid):
+    scores: dict[Item2VecParams, float] = {}
+
+    def score(p: Item2VecParams) -> float:
         m = item2vec_method("item2vec_val", val_ctx, p, cache=cache, **fit_kw)
         hits = evaluate_scores(val_ctx, m.score, depth=k, batch_size=batch_size, progress=False)
         r = float(recall_at_k(hits, val_ctx.queries.n_targets, k).mean()) if len(hits) else 0.0
         rows.append({**p.__dict__, f"val_recall@{k}": round(r, 4), "fit_s": m.info["fit_s"]})
-        log.info("item2vec grid %d/%d %s: val Recall@%d %.4f (%.0fs)", i + 1, len(grid), p.label(), k, r, m.info["fit_s"])
-        if best is None or r > best[0]:  # first (earliest in the grid) wins ties
-            best = (r, i)
-    assert best is not None
-    return grid[best[1]], rows
+        log.info("item2vec %s %d %s: val Recall@%d %.4f (%.0fs)", search, len(rows), p.label(), k, r, m.info["fit_s"])
+        scores[p] = r
+        return r
+
+    if search == "grid":
+        for p in grid:
+            score(p)
+    else:
+        epochs = sorted({p.epochs for p in grid})
+        for p in grid:
+            if p.epochs == epochs[0]:
+                score(p)
+        for e in epochs[1:]:
+            lead = max(scores, key=lambda q: (scores[q], -grid.index(q)))
+            candidate = Item2VecParams(e, lead.ns_exponent, lead.sample)
+            if candidate in grid:
+                score(candidate)
+    # best val score; the earliest point in the grid wins ties
+    best = max(scores, key=lambda q: (scores[q], -grid.index(q)))
+    return best, rows
 
 
 # ------------------------------------------------------------------------------------------- MiniLM
