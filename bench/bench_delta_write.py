@@ -7,17 +7,18 @@ and the orphan sweep.
 
 It also writes the same data through a Python ``DataSourceArrowWriter`` that discards its batches. That
 is the floor any Python data source pays: Spark's row -> Arrow conversion and the transfer to a Python
-worker. It then prints where the Delta write's time went (task seconds summed over tasks, and the
-driver's commit and clean-up; the writer reports them, see ``common.delta_source.write_timings``).
+worker. It then prints where the Delta write's tasks spent their time (summed over tasks; the writer
+records the split in the commit, see ``common.delta_source.write_timings``). One untimed warm-up round
+of all three writers comes first: the first write of a session pays JVM class loading and Python
+worker start-up, which is not the writer's throughput.
 
-    python bench/bench_delta_write.py [--repeats 3] [--partitions 4]
+    python bench/bench_delta_write.py [--repeats 5] [--partitions 4] [--warmup 1]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import shutil
 import statistics
@@ -50,30 +51,24 @@ class _DiscardWriter(DataSourceArrowWriter):
         return WriterCommitMessage()
 
 
-class _Timings(logging.Handler):
-    """Collects the writer's per-write timing line (``... seconds {json}``)."""
+def task_seconds(table_uri: str) -> dict[str, float]:
+    """The latest commit's task time split (``commitInfo.prodrepTaskSeconds``, see
+    ``common.delta_source.write_timings``)."""
+    from deltalake import DeltaTable
 
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.runs: list[dict[str, float]] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        msg = record.getMessage()
-        if "; seconds {" in msg:
-            self.runs.append(json.loads(msg.split("; seconds ", 1)[1]))
+    info = DeltaTable(table_uri).history(1)[0]
+    return json.loads(info.get("prodrepTaskSeconds", "{}"))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     ap.add_argument("--partitions", type=int, default=4)
     args = ap.parse_args()
     spark = get_spark("bench-delta-write", conf={"spark.ui.showConsoleProgress": "false"})
     spark.dataSource.register(_Discard)
-    timings = _Timings()
-    src_log = logging.getLogger("common.delta_source")
-    src_log.addHandler(timings)
-    src_log.setLevel(logging.INFO)
+    splits: list[dict[str, float]] = []
     cfg = ingest.resolve(ingest.online_retail_preset("unused"))
     raw = ingest.read_source(spark, cfg.events, "parquet")
     events = ingest.event_ids(ingest.map_events(ingest.with_raw(raw), cfg))
@@ -83,11 +78,14 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-delta-"))
     t = {"delta": [], "parquet": [], "discard": []}
     load0 = os.getloadavg()[0]
-    for i in range(args.repeats):
+    for i in range(args.warmup + args.repeats):
+        if i == args.warmup:
+            t, splits = {k: [] for k in t}, []
         lake = str(work / f"lake{i}")
         t0 = time.perf_counter()
         L.write_spark(events, lake, "events", "overwrite", {"job": "bench"})
         t["delta"].append(time.perf_counter() - t0)
+        splits.append(task_seconds(L.table_uri(lake, "events")))
         t0 = time.perf_counter()
         events.write.mode("overwrite").parquet(str(work / f"parquet{i}"))
         t["parquet"].append(time.perf_counter() - t0)
@@ -103,11 +101,10 @@ def main() -> None:
         print(f"{label:<40}{med[key]:>10.2f}{n / med[key]:>14,.0f}   {[round(x, 2) for x in t[key]]}")
     print(f"ratio delta/parquet throughput: {med['parquet'] / med['delta']:.2f}")
     print(f"ratio floor/parquet throughput: {med['parquet'] / med['discard']:.2f}  (the best any Python data source can reach)")
-    if timings.runs:
-        keys = list(timings.runs[0])
-        print("delta write breakdown, median over runs (task seconds are summed over tasks, run 2 at a time):")
-        for k in keys:
-            print(f"  {k:<10}{statistics.median(r.get(k, 0.0) for r in timings.runs):>8.2f} s")
+    if splits:
+        print("delta write, task seconds summed over tasks (2 run at a time), median over runs:")
+        for k in ("receive", "parquet", "stats"):
+            print(f"  {k:<10}{statistics.median(r.get(k, 0.0) for r in splits):>8.2f} s")
     shutil.rmtree(work, ignore_errors=True)
 
 

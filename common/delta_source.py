@@ -407,7 +407,10 @@ class DeltaWriter(DataSourceArrowWriter):
         meta = self.options.get("metadata") or "{}"
         # Zero delta-rs retries: a lost race comes back here, where *our* conflict rules (not delta-rs'
         # looser ones: it lets an overwrite absorb a concurrent append) decide against the new commits.
-        props = CommitProperties(custom_metadata={"userMetadata": meta}, max_commit_retries=0)
+        # The tasks' time split travels with the commit (commitInfo.prodrepTaskSeconds): where a slow
+        # write spent its time stays readable from the table's history.
+        task_seconds = json.dumps(write_timings(messages, commit=0.0, cleanup=0.0))
+        props = CommitProperties(custom_metadata={"userMetadata": meta, "prodrepTaskSeconds": task_seconds}, max_commit_retries=0)
         so = _storage(self.options)
         committed = {a.path for a in adds}
         t0 = time.perf_counter()
