@@ -22,6 +22,13 @@ NOISE: tuple[tuple[str, str], ...] = (
     # one-line summary per epoch / eval on rank 0 (this logger is named after its file by Ray)
     ("file:ray.train.v2._internal.execution.context", "Reporting training result"),
     ("ray.data._internal.datasource.parquet_datasource", "Estimated parquet"),
+    # Ray Data logs three lines per dataset run (start, plan, finished); the "finished" one, with its
+    # time, is the one line per step a log needs
+    ("ray.data._internal.execution.streaming_executor", "Starting execution of Dataset"),
+    ("ray.data._internal.execution.streaming_executor", "Execution plan of Dataset"),
+    # py4j logs this on the root logger, with a traceback, when a callback connection to Spark's
+    # gateway was reset (Ray's start-up beside a live SparkSession does it); nothing is lost
+    ("", "Exception while sending command"),
 )
 # (category, message regex) of Python warnings with nothing to act on:
 # - torch's autograd-aware all_gather (InfoNCE needs the gradient through the gather) is deprecated in

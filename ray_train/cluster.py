@@ -38,7 +38,9 @@ def ensure_ray(num_cpus: int | None = None, object_store_memory: int | None = No
         or int(os.environ.get("PRODREP_RAY_OBJECT_STORE", DEFAULT_OBJECT_STORE)),
         include_dashboard=False,
         log_to_driver=True,
-        runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"},
+        # HF_HUB_DISABLE_PROGRESS_BARS: a worker's output reaches the user line by line (no terminal),
+        # so transformers' load/save bars would be one line per redraw
+        runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"},
                      "worker_process_setup_hook": "common.progress.install_log_filters"},
     )
     configure_ray_output()
