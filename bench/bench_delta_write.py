@@ -8,7 +8,7 @@ and the orphan sweep.
 It also writes the same data through a Python ``DataSourceArrowWriter`` that discards its batches. That
 is the floor any Python data source pays: Spark's row -> Arrow conversion and the transfer to a Python
 worker. It then prints where the Delta write's tasks spent their time (summed over tasks; the writer
-records the split in the commit, see ``common.delta_source.write_timings``). One untimed warm-up round
+records the split in the commit, see ``common.delta_source.task_seconds``). One untimed warm-up round
 of all three writers comes first: the first write of a session pays JVM class loading and Python
 worker start-up, which is not the writer's throughput.
 
@@ -53,7 +53,7 @@ class _DiscardWriter(DataSourceArrowWriter):
 
 def task_seconds(table_uri: str) -> dict[str, float]:
     """The latest commit's task time split (``commitInfo.prodrepTaskSeconds``, see
-    ``common.delta_source.write_timings``)."""
+    ``common.delta_source.task_seconds``)."""
     from deltalake import DeltaTable
 
     info = DeltaTable(table_uri).history(1)[0]

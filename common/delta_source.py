@@ -409,8 +409,8 @@ class DeltaWriter(DataSourceArrowWriter):
         # looser ones: it lets an overwrite absorb a concurrent append) decide against the new commits.
         # The tasks' time split travels with the commit (commitInfo.prodrepTaskSeconds): where a slow
         # write spent its time stays readable from the table's history.
-        task_seconds = json.dumps(write_timings(messages, commit=0.0, cleanup=0.0))
-        props = CommitProperties(custom_metadata={"userMetadata": meta, "prodrepTaskSeconds": task_seconds}, max_commit_retries=0)
+        spent = task_seconds(messages)
+        props = CommitProperties(custom_metadata={"userMetadata": meta, "prodrepTaskSeconds": json.dumps(spent)}, max_commit_retries=0)
         so = _storage(self.options)
         committed = {a.path for a in adds}
         t0 = time.perf_counter()
@@ -436,9 +436,9 @@ class DeltaWriter(DataSourceArrowWriter):
         swept = sweep_orphans(self.uri, so)
         if swept:
             log.info("swept %d orphan data file(s) of dead writers from %s", swept, self.uri)
-        self.timings = write_timings(messages, commit=t1 - t0, cleanup=time.perf_counter() - t1)
+        driver = {"commit": round(t1 - t0, 3), "cleanup": round(time.perf_counter() - t1, 3)}
         log.info("wrote %d rows in %d file(s) to %s; seconds %s", sum(m.rows for m in messages if m is not None), len(adds), self.uri,
-                 json.dumps(self.timings))  # fmt: skip
+                 json.dumps({**spent, **driver}))  # fmt: skip
 
     def _try_commit(self, adds: list, props, so: dict[str, str] | None) -> bool:
         """One commit attempt against the latest version; False = lost a race (retry after re-checking)."""
@@ -558,15 +558,13 @@ ORPHAN_MAX_AGE_S = float(os.environ.get("PRODREP_ORPHAN_MAX_AGE_S", 24 * 3600))
 _JOB_FILE = re.compile(r"part-([0-9a-f]{12})-")
 
 
-def write_timings(messages: Sequence[DeltaCommitMessage | None], commit: float, cleanup: float) -> dict[str, float]:
-    """Where a write's time went: task seconds summed over tasks (``receive``, ``parquet``, ``stats``;
-    see :class:`DeltaCommitMessage`) and the driver's ``commit`` and ``cleanup`` (own leftovers and the
-    orphan sweep) wall seconds."""
+def task_seconds(messages: Sequence[DeltaCommitMessage | None]) -> dict[str, float]:
+    """Where a write's tasks spent their time, summed over tasks (``receive``, ``parquet``, ``stats``;
+    see :class:`DeltaCommitMessage`)."""
     out = {"receive": 0.0, "parquet": 0.0, "stats": 0.0}
     for m in messages:
         for k, v in (m.seconds if m is not None else {}).items():
             out[k] = out.get(k, 0.0) + v
-    out.update(commit=commit, cleanup=cleanup)
     return {k: round(v, 3) for k, v in out.items()}
 
 

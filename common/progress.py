@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 
 # (logger name, message prefix) of warnings that say nothing actionable. Ray Train's placement-group
 # cleaner polls the State API, which lives in the dashboard; local mode runs without the dashboard (it
@@ -104,15 +105,12 @@ class Heartbeat:
     has a terminal. Silent when not ``enabled`` (e.g. every rank but 0)."""
 
     def __init__(self, logger: logging.Logger, every_s: float = 30.0, enabled: bool = True) -> None:
-        import time
-
         self.logger, self.every_s, self.enabled = logger, every_s, enabled
-        self._clock = time.perf_counter
-        self._last = self._clock()
+        self._last = time.perf_counter()
 
     def beat(self, msg: str, *args: object, force: bool = False) -> bool:
         """Log ``msg % args`` if forced or ``every_s`` has passed since the last line; True if logged."""
-        now = self._clock()
+        now = time.perf_counter()
         if not self.enabled or (not force and now - self._last < self.every_s):
             return False
         self.logger.info(msg, *args)

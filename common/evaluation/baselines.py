@@ -267,14 +267,16 @@ def tune_item2vec(
     rows: list[dict[str, Any]] = []
     scores: dict[Item2VecParams, float] = {}
 
-    def score(p: Item2VecParams) -> float:
+    def score(p: Item2VecParams) -> None:
         m = item2vec_method("item2vec_val", val_ctx, p, cache=cache, **fit_kw)
         hits = evaluate_scores(val_ctx, m.score, depth=k, batch_size=batch_size, progress=False)
         r = float(recall_at_k(hits, val_ctx.queries.n_targets, k).mean()) if len(hits) else 0.0
         rows.append({**p.__dict__, f"val_recall@{k}": round(r, 4), "fit_s": m.info["fit_s"]})
         log.info("item2vec %s %d %s: val Recall@%d %.4f (%.0fs)", search, len(rows), p.label(), k, r, m.info["fit_s"])
         scores[p] = r
-        return r
+
+    def leader() -> Item2VecParams:  # best val score so far; the earliest point in the grid wins ties
+        return max(scores, key=lambda q: (scores[q], -grid.index(q)))
 
     if search == "grid":
         for p in grid:
@@ -285,13 +287,11 @@ def tune_item2vec(
             if p.epochs == epochs[0]:
                 score(p)
         for e in epochs[1:]:
-            lead = max(scores, key=lambda q: (scores[q], -grid.index(q)))
+            lead = leader()
             candidate = Item2VecParams(e, lead.ns_exponent, lead.sample)
             if candidate in grid:
                 score(candidate)
-    # best val score; the earliest point in the grid wins ties
-    best = max(scores, key=lambda q: (scores[q], -grid.index(q)))
-    return best, rows
+    return leader(), rows
 
 
 # ------------------------------------------------------------------------------------------- MiniLM
