@@ -266,9 +266,11 @@ class DeltaReader(DataSourceReader):
             for f in self.arrow_schema:
                 if f.name in table.column_names:
                     cols.append(table.column(f.name).cast(f.type))
-                else:  # partition column: constant from the log
-                    raw = partition.partition_values.get(f.name)
+                elif f.name in partition.partition_values:  # partition column: constant from the log
+                    raw = partition.partition_values[f.name]
                     cols.append(pa.array([raw] * len(table), pa.string()).cast(f.type))
+                else:  # a column added to the table after this file was written (schema evolution)
+                    cols.append(pa.nulls(len(table), f.type))
             yield from pa.Table.from_arrays(cols, schema=self.arrow_schema).to_batches()
 
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Literal, Mapping
 import pyarrow as pa
 
 from common.config import InputError
-from common.schemas import TableSchema, schema_for
+from common.schemas import TABLES, TableSchema, schema_for
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -145,7 +145,8 @@ def write_arrow(
         partition_by=list(schema.partition_by) or None,
         storage_options=storage_options(),
         commit_properties=CommitProperties(custom_metadata={"userMetadata": json.dumps(dict(metadata or {}), default=str)}),
-        schema_mode="overwrite" if mode == "overwrite" else None,
+        # append: "merge" adds a column the declared schema gained since the table was created
+        schema_mode="overwrite" if mode == "overwrite" else "merge",
     )
     return table_version(lake, table)  # type: ignore[return-value]
 
@@ -158,8 +159,17 @@ def read_arrow(
     filters: Any = None,
 ) -> pa.Table:
     """Read a lake table (at ``version``) into Arrow; ``filters`` is pyarrow-style DNF, e.g.
-    ``[("split", "=", "train")]`` (partition filters prune files)."""
-    return delta_table(lake, table, version).to_pyarrow_table(columns=columns, filters=filters)
+    ``[("split", "=", "train")]`` (partition filters prune files). A requested nullable column that
+    :mod:`common.schemas` declares but the table (written before the column existed) lacks reads as
+    nulls, as it would once a newer write added it."""
+    dt = delta_table(lake, table, version)
+    have = set(pa.schema(dt.schema().to_arrow()).names)
+    declared = {c.name: c for c in schema_for(table).columns} if table in TABLES else {}
+    absent = [c for c in columns or [] if c not in have and c in declared and declared[c].nullable]
+    data = dt.to_pyarrow_table(columns=[c for c in columns if c not in absent] if columns else None, filters=filters)
+    for c in absent:
+        data = data.append_column(pa.field(c, declared[c].type, nullable=True), pa.nulls(len(data), declared[c].type))
+    return data.select(columns) if absent else data
 
 
 def read_pandas(lake: str, table: str, version: int | None = None, columns: list[str] | None = None, filters: Any = None) -> "pd.DataFrame":
@@ -231,7 +241,8 @@ def write_spark(
         writer = df.write.format("delta").mode(mode).option("userMetadata", meta)
         if replace_where:
             cond = " AND ".join(f"`{c}` = '{str(v).replace(chr(39), chr(39) * 2)}'" for c, v in replace_where.items())
-            writer = writer.option("replaceWhere", cond)
+            # mergeSchema: a column the declared schema gained since the table was created is added
+            writer = writer.option("replaceWhere", cond).option("mergeSchema", "true")
         elif mode == "overwrite":
             writer = writer.option("overwriteSchema", "true")
         if schema.partition_by:

@@ -8,7 +8,11 @@ An exported model directory (``<lake>/models/<run>/``) holds the Hugging Face fi
   whose TF-IDF vector is concatenated to the normalised pooled vector (``meta["lexical"]`` holds its
   size and the dense weight), plus ``id_embeddings.parquet``: behaviour vectors added to that text
   vector (before L2-normalising) for items that have history;
-* ``id``: no HF model; ``item_vectors.parquet`` (item_id, embedding) is the whole model.
+* ``id``: no HF model; ``item_vectors.parquet`` (item_id, embedding) is the whole model;
+* ``softmax``: a frozen text encoder [+ lexical block] giving every item text features, and a
+  :class:`common.scoring.SoftmaxHead` (``softmax_head.npz`` + ``softmax_items.parquet``) that turns
+  them, plus learned per-item parts for items with history, into a query and a candidate vector
+  scored by inner product (``meta["scoring"]["type"] == "dot"``; every other kind: ``cosine``).
 
 A bare Hugging Face directory (e.g. the bundled all-MiniLM-L6-v2) is read as kind ``pretrained`` with
 mean pooling. :func:`load_encoder` returns a :class:`TextEncoder` usable anywhere (driver, Spark
@@ -36,6 +40,7 @@ import numpy as np
 import pyarrow as pa
 
 from common.config import InputError
+from common import scoring
 from common.lexical import Lexical, text_vectors
 from common.text import DEFAULT_TEMPLATE
 from common.vectors import l2_normalize
@@ -46,7 +51,8 @@ FORMAT = 1
 META_FILE = "prodrep.json"
 ITEM_VECTORS_FILE = "item_vectors.parquet"
 ID_EMBEDDINGS_FILE = "id_embeddings.parquet"
-KINDS = ("mlm", "fusion", "id", "pretrained")
+KINDS = ("mlm", "fusion", "id", "pretrained", "softmax")
+LEXICAL_KINDS = ("fusion", "softmax")  # kinds whose text vector may carry a lexical block
 POOLINGS = ("mean", "cls")
 #: Keys every prodrep.json carries; the first group must be given to :func:`save_export`, the rest
 #: get defaults when absent.
@@ -54,7 +60,7 @@ REQUIRED_META = ("kind", "model_version", "dim")
 REQUIRED_TEXT_META = ("pooling", "max_length")
 META_KEYS = (
     "format", "kind", "model_version", "pooling", "max_length", "dim", "normalize", "tokenizer_hash",
-    "text_template", "inputs", "metrics", "config", "code_version", "created_at", "lexical",
+    "text_template", "inputs", "metrics", "config", "code_version", "created_at", "lexical", "scoring",
 )  # fmt: skip
 VECTOR_SCHEMA = pa.schema([pa.field("item_id", pa.string(), False), pa.field("embedding", pa.list_(pa.float32()), False)])
 
@@ -129,6 +135,7 @@ def _full_meta(meta: Mapping[str, Any]) -> dict[str, Any]:
         "code_version": code_version(),
         "lexical": None,  # fusion: {"vocab_size": V[, "dim": k, "projection": "tfidf-lsa"], "dense_weight": w}
         "created_at": datetime.now(timezone.utc).isoformat(),
+        "scoring": {"type": "cosine"},  # softmax: SoftmaxHead.describe() (common.scoring)
     }
     out.update(meta)
     out["dim"] = int(out["dim"])
@@ -160,6 +167,7 @@ def save_export(
     item_vectors: Any = None,
     id_embeddings: Any = None,
     lexical: Any = None,
+    head: Any = None,
 ) -> str:
     """Write an exported model directory; returns its path.
 
@@ -167,18 +175,25 @@ def save_export(
     :data:`META_KEYS` get defaults. ``model``/``tokenizer`` are saved with ``save_pretrained``;
     ``item_vectors`` (kind id) and ``id_embeddings`` (kind fusion) may be an Arrow table / DataFrame
     with item_id + embedding, a mapping id -> vector, or an ``(ids, matrix)`` pair; ``lexical`` (kind
-    fusion) a :class:`common.lexical.Lexical`, recorded in ``meta["lexical"]``. ``prodrep.json``
+    fusion, softmax) a :class:`common.lexical.Lexical`, recorded in ``meta["lexical"]``; ``head`` (kind
+    softmax, required there) a :class:`common.scoring.SoftmaxHead`, recorded in ``meta["scoring"]``. ``prodrep.json``
     is written last, so its presence marks a complete export.
     """
     full = _full_meta(meta)
     kind, dim = full["kind"], full["dim"]
     if lexical is not None:
-        if kind != "fusion":
-            raise InputError(f"save_export: a lexical block only belongs to kind 'fusion', not {kind!r}")
+        if kind not in LEXICAL_KINDS:
+            raise InputError(f"save_export: a lexical block only belongs to kinds {list(LEXICAL_KINDS)}, not {kind!r}")
         weight = (full.get("lexical") or {}).get("dense_weight")
         if weight is None:
             raise InputError('save_export: a lexical block needs meta["lexical"] = {"dense_weight": w} (the mix it was trained with)')
         full["lexical"] = {**lexical.describe(), "dense_weight": float(weight)}
+    if (head is not None) != (kind == "softmax"):
+        raise InputError("save_export: kind 'softmax' needs a head (common.scoring.SoftmaxHead), and only it takes one")
+    if head is not None:
+        full["scoring"] = head.describe()
+        if head.dim != dim:
+            raise InputError(f"save_export: meta dim={dim} but the softmax head serves {head.dim}-dimensional vectors")
     path = Path(out_dir)
     if "://" in str(out_dir) and not str(out_dir).startswith("file://"):
         raise InputError(f"save_export: {out_dir} is remote; export to a local dir and copy it (e.g. `aws s3 sync`)")
@@ -193,8 +208,10 @@ def save_export(
             raise InputError(f"save_export: kind {kind!r} needs both model and tokenizer")
         hidden = getattr(model.config, "hidden_size", None)
         lex_dims = lexical.size if lexical is not None else 0
-        if hidden is not None and int(hidden) + lex_dims != dim:
-            raise InputError(f"save_export: meta dim={dim} but the model's hidden_size {hidden} + lexical {lex_dims} differ")
+        text_dim = head.text_dim if head is not None else dim
+        if hidden is not None and int(hidden) + lex_dims != text_dim:
+            raise InputError(f"save_export: text features are {text_dim}-dimensional but the model's hidden_size {hidden} + "
+                             f"lexical {lex_dims} differ")  # fmt: skip
         if id_embeddings is not None and kind != "fusion":
             raise InputError(f"save_export: id_embeddings only belong to kind 'fusion', not {kind!r}")
     path.mkdir(parents=True, exist_ok=True)
@@ -210,6 +227,8 @@ def save_export(
         pq.write_table(_vector_table(id_embeddings, "id_embeddings", dim), path / ID_EMBEDDINGS_FILE)
     if lexical is not None:
         lexical.save(path)
+    if head is not None:
+        head.save(path)
     tmp = path / (META_FILE + ".tmp")
     tmp.write_text(json.dumps(full, indent=2, default=str))
     tmp.replace(path / META_FILE)
@@ -272,6 +291,7 @@ def read_meta(model_dir: str | os.PathLike) -> dict[str, Any]:
         "config": {"source": str(p)},
         "code_version": None,
         "created_at": None,
+        "scoring": {"type": "cosine"},
     }
 
 
@@ -324,7 +344,8 @@ def pool(hidden: Any, attention_mask: Any, pooling: str = "mean") -> Any:
 
 
 class TextEncoder:
-    """Applies an exported model: texts -> L2-normalised float32 vectors (and item ids for id/fusion).
+    """Applies an exported model: texts -> float32 vectors (and item ids for id/fusion/softmax), L2-normalised
+    for cosine models; a softmax model's query and candidate vectors come from :meth:`embed_pair`.
 
     ``embed`` tokenizes everything once, sorts by token length so each batch carries little padding,
     runs the model under ``torch.inference_mode`` (bf16 autocast on CUDA), pools (mean with the
@@ -345,6 +366,8 @@ class TextEncoder:
         self.lexical = None
         self.dense_weight = 1.0
         self.hidden = self.dim
+        self.head = None  # kind softmax: common.scoring.SoftmaxHead
+        self.scoring = scoring.declared(meta)
         p = Path(model_dir)
         if self.kind == "id":
             self._load_vectors(p / ITEM_VECTORS_FILE)
@@ -357,15 +380,27 @@ class TextEncoder:
         # report (printed once per Spark/Ray worker) out of the job output unless debugging.
         with quiet_transformers(not log.isEnabledFor(logging.DEBUG)):
             self.model = AutoModel.from_pretrained(str(p)).to(device).eval()
-        self.lexical = Lexical.load(p) if self.kind == "fusion" else None
+        self.lexical = Lexical.load(p) if self.kind in LEXICAL_KINDS else None
         lex_meta = meta.get("lexical") or {}
         if (self.lexical is None) != (not lex_meta):
             raise InputError(f"{p}: prodrep.json 'lexical' and the presence of lexical.json disagree (a partial copy?)")
         self.dense_weight = float(lex_meta.get("dense_weight", 1.0))
         self.hidden = int(getattr(self.model.config, "hidden_size", self.dim))
         lex_dims = self.lexical.size if self.lexical is not None else 0
-        if self.hidden + lex_dims != self.dim:
-            raise InputError(f"{p}/{META_FILE}: dim={self.dim} but hidden_size {self.hidden} + lexical {lex_dims} differ")
+        text_dim = self.dim
+        if self.kind == "softmax":
+            try:
+                self.head = scoring.SoftmaxHead.load(p)
+            except FileNotFoundError as e:
+                raise InputError(str(e)) from None
+            text_dim = self.head.text_dim
+            if self.head.dim != self.dim or self.scoring != scoring.DOT:
+                raise InputError(f"{p}/{META_FILE}: dim={self.dim}, scoring={self.scoring!r} but the softmax head serves "
+                                 f"{self.head.dim}-dimensional dot-product vectors (a partial copy?)")  # fmt: skip
+            self._ids = self.head.index
+        if self.hidden + lex_dims != text_dim:
+            raise InputError(f"{p}/{META_FILE}: text features are {text_dim}-dimensional but hidden_size {self.hidden} + "
+                             f"lexical {lex_dims} differ")  # fmt: skip
         self.max_length = int(meta.get("max_length") or 512)
         self.pooling = meta.get("pooling") or "mean"
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
@@ -421,16 +456,25 @@ class TextEncoder:
 
     def embed(self, texts: Sequence[str], batch_size: int = 256, progress: bool = False) -> np.ndarray:
         """Embed texts -> (n, dim) float32, L2-normalised, in input order. With a lexical block:
-        :func:`common.lexical.text_vectors`, unit-norm except for a text with no known term (norm w)."""
+        :func:`common.lexical.text_vectors`, unit-norm except for a text with no known term (norm w).
+        Kind softmax: the text features its head reads (``(n, head.text_dim)``)."""
         return text_vectors(self._pooled(texts, batch_size, progress), self.lexical, texts, self.dense_weight)
+
+    @property
+    def asymmetric(self) -> bool:
+        """True when the model scores by ``dot`` of a query and a candidate vector (kind softmax)."""
+        return self.head is not None
 
     # -- items --------------------------------------------------------------------------------
     def has_vector(self, item_ids: Iterable[str]) -> np.ndarray:
-        """Bool mask: which items have a learned vector (kind id) / ID embedding (kind fusion)."""
+        """Bool mask: which items have a learned vector (kind id) / ID embedding (fusion) / history (softmax)."""
         return np.fromiter((str(i) in self._ids for i in item_ids), dtype=bool)
 
     def id_vectors(self, item_ids: Sequence[str]) -> np.ndarray:
-        """Learned vectors for the items (zeros for unknown items), (n, dim) float32."""
+        """Learned vectors for the items (zeros for unknown items), (n, dim) float32 (kinds id, fusion)."""
+        if self.head is not None:
+            raise InputError("id_vectors: a softmax model's per-item parts live in its head (common.scoring.SoftmaxHead); "
+                             "use embed_pair for its served vectors")  # fmt: skip
         out = np.zeros((len(item_ids), self.dim), np.float32)
         for r, i in enumerate(item_ids):
             k = self._ids.get(str(i))
@@ -441,21 +485,35 @@ class TextEncoder:
     def embed_items(
         self, item_ids: Sequence[str], texts: Sequence[str] | None = None, batch_size: int = 256, progress: bool = False
     ) -> np.ndarray:
-        """Item vectors, L2-normalised, (n, dim) float32.
+        """Item (query-side) vectors, (n, dim) float32; L2-normalised unless the scoring is ``dot``.
 
         Text kinds embed ``texts`` (from :func:`common.text.render`); ``fusion`` adds the item's ID
         embedding to its text vector (:meth:`embed`) before normalising (items without history keep
         the pure text vector). Kind ``id`` looks the vectors up; unknown items get a zero row (see
         :meth:`has_vector`).
         """
+        return self.embed_pair(item_ids, texts, batch_size, progress)[0]
+
+    def embed_pair(
+        self, item_ids: Sequence[str], texts: Sequence[str] | None = None, batch_size: int = 256, progress: bool = False
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(query, candidate) vectors ``(n, dim)``, scored by :func:`common.scoring.score`.
+
+        Cosine models: both are the item's L2-normalised vector (the same array). Kind softmax: the
+        head's two sides (:class:`common.scoring.SoftmaxHead`), unnormalised; the text is encoded once.
+        """
         if self.kind == "id":
-            return l2_normalize(self.id_vectors(item_ids))
+            v = l2_normalize(self.id_vectors(item_ids))
+            return v, v
         if texts is None or len(texts) != len(item_ids):
             raise InputError(f"embed_items: need one text per item id (got {len(item_ids)} ids)")
         vec = self.embed(texts, batch_size, progress)
+        if self.head is not None:
+            return self.head.vectors(item_ids, vec)
         if self.kind == "fusion" and self._ids:
             vec = vec + self.id_vectors(item_ids)
-        return l2_normalize(vec)
+        vec = l2_normalize(vec)
+        return vec, vec
 
 
 def default_device() -> str:

@@ -162,7 +162,12 @@ ITEM_EMBEDDINGS = TableSchema(
     "item_embeddings",
     (
         Column("item_id", pa.string(), False, "Item key."),
-        Column("embedding", pa.list_(pa.float32()), False, "L2-normalised vector."),
+        Column("embedding", pa.list_(pa.float32()), False, "Query-side vector; L2-normalised for cosine models."),
+        Column(
+            "candidate", pa.list_(pa.float32()), True,
+            "Candidate-side vector of a model scored by dot product (kind softmax: score(q, c) = "
+            "embedding[q] · candidate[c]); null for cosine models, whose candidate vector is `embedding`.",
+        ),  # fmt: skip
         Column("dim", pa.int32(), False, "Vector length."),
         Column("model_version", pa.string(), False, "Which model produced it (run name + hash)."),
         Column("text_hash", pa.string(), True, "Hash of the text embedded (for --incremental); null for ID vectors."),
@@ -178,7 +183,7 @@ ITEM_NEIGHBORS = TableSchema(
         Column("item_id", pa.string(), False, "Query item."),
         Column("neighbor_id", pa.string(), False, "Neighbour item (never the query)."),
         Column("rank", pa.int32(), False, "1 = most similar."),
-        Column("score", pa.float32(), False, "Inner product of the L2-normalised vectors."),
+        Column("score", pa.float32(), False, "The model's declared score (common.scoring): cosine, or dot of query and candidate vectors."),
         Column("model_version", pa.string(), False, "Embedding model used."),
     ),
     partition_by=("model_version",),

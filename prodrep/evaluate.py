@@ -189,12 +189,13 @@ def summarise(ctx: EvalContext, hits: np.ndarray, cfg: EvaluateConfig) -> tuple[
 
 # ------------------------------------------------------------------------------------------ methods
 def lake_models(lake: str) -> tuple[list[str], Any]:
-    """model_versions in item_embeddings and the table itself (None when absent)."""
+    """model_versions in item_embeddings and the table itself (None when absent); ``candidate`` is null
+    for cosine models (and in tables written before the column existed)."""
     from common import lake as L
 
     if not L.exists(lake, "item_embeddings"):
         return [], None
-    df = L.read_pandas(lake, "item_embeddings", columns=["item_id", "embedding", "model_version"])
+    df = L.read_pandas(lake, "item_embeddings", columns=["item_id", "embedding", "candidate", "model_version"])
     return sorted(df["model_version"].unique().tolist()), df
 
 
@@ -247,7 +248,12 @@ def build_method(name: str, ctx: EvalContext, cfg: EvaluateConfig, state: dict[s
         return B.minilm_method(ctx)
     df = state["embeddings"]
     part = df[df["model_version"] == name]
-    return B.dense_from_mapping(name, ctx, part["item_id"].astype(str).tolist(), np.stack(part["embedding"].to_numpy()))
+    query = np.stack(part["embedding"].to_numpy())
+    cand = part["candidate"]
+    # a model scored by dot product carries candidate vectors (a null one is the row's embedding)
+    null = cand.isna().to_numpy()
+    candidates = None if null.all() else np.stack([e if n else c for e, c, n in zip(part["embedding"], cand, null)])
+    return B.dense_from_mapping(name, ctx, part["item_id"].astype(str).tolist(), query, candidates)
 
 
 def val_context(cfg: EvaluateConfig, state: dict[str, Any]) -> tuple[EvalContext, str]:
@@ -472,7 +478,7 @@ def score_methods(names: list[str], ctx: EvalContext, cfg: EvaluateConfig, state
         out.bc[name], out.extra[name], out.curves[name] = summarise(ctx, hits, cfg)
         if m.info:
             out.extra[name]["info"] = m.info
-        if m.vectors is not None:
+        if m.vectors is not None:  # an asymmetric model's: its query side (B.Dense)
             out.vector_methods[name] = m
             if len(probe_labels):
                 out.probe[name] = category_probe(m.vectors[probe_idx], probe_labels, cfg.probe_folds, seed=0)

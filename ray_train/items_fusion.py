@@ -105,7 +105,7 @@ class FusionStage:
         raw = TextTower(encoder, job.pooling, float(job.temperature), bool(job.learn_temperature))
         model = ray.train.torch.prepare_model(raw)
         opt = torch.optim.AdamW([p for p in raw.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.01)
-        return cls(raw, model, opt, tok, token_ids, pad_id, fit_lexical(texts, job), texts, device,
+        return cls(raw, model, opt, tok, token_ids, pad_id, fit_lexical(texts, job, cfg.dense_weight), texts, device,
                    warm=int(float(job.warmup) * total_steps))  # fmt: skip
 
     def backward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -137,7 +137,7 @@ class FusionStage:
         job, lexical = cfg.job, self.lexical
         meta.update(
             dim=int(self.raw.encoder.config.hidden_size) + (lexical.size if lexical is not None else 0),
-            lexical={"dense_weight": float(job.dense_weight)} if lexical is not None else None,
+            lexical={"dense_weight": float(cfg.dense_weight)} if lexical is not None else None,
             pooling=job.pooling,
             max_length=int(job.max_length),
             tokenizer_hash=cfg.tokenizer_hash,
@@ -151,13 +151,14 @@ class FusionStage:
                                                               id_embeddings=id_emb, lexical=lexical))  # fmt: skip
 
 
-def fit_lexical(texts: list[str], job: Any) -> Any:
-    """The TF-IDF block (:mod:`common.lexical`) on the items' text; None when switched off. Every
-    worker fits the same one (deterministic, and far cheaper than shipping it)."""
+def fit_lexical(texts: list[str], job: Any, dense_weight: float) -> Any:
+    """The TF-IDF block (:mod:`common.lexical`) on the items' text; None when switched off (no
+    features, or ``dense_weight`` 1). Every worker fits the same one (deterministic, and far cheaper
+    than shipping it)."""
     from common.lexical import Lexical
 
     n = int(job.lexical_features or 0)
-    if n == 0 or float(job.dense_weight) >= 1.0:
+    if n == 0 or float(dense_weight) >= 1.0:
         return None
     return Lexical.fit(texts, max_features=n, dim=int(job.lexical_dim or 0), seed=int(job.seed or 0))
 
@@ -173,7 +174,7 @@ def train_id_stage(cfg: Any, stage: FusionStage, shard: Any, rank: int, world: i
     t0 = time.perf_counter()
     pooled = pool_all(stage.raw, stage.token_ids, stage.pad_id, device, rank, world)  # (n_items, H)
     # the text vector inference will compute (TextEncoder.embed): normalised dense [+ lexical block]
-    text = torch.from_numpy(text_vectors(pooled.cpu().numpy(), stage.lexical, stage.texts, float(job.dense_weight))).to(device)
+    text = torch.from_numpy(text_vectors(pooled.cpu().numpy(), stage.lexical, stage.texts, float(cfg.dense_weight))).to(device)
     raw = IdResidual(text)  # text: (n_items, D)
     stats: dict[str, Any] = {"text_pool_s": time.perf_counter() - t0}
     if job.id_init == "propagate":
@@ -274,7 +275,7 @@ def propagate(text: torch.Tensor, beta: float, device: Any) -> torch.Tensor:
         b = batch["b"].long().to(device)
         w = batch["w"].double().to(device)
         # sparse x dense: gathering t64[b] would materialise (rows x dim) floats, gigabytes per batch
-        part = torch.sparse_coo_tensor(torch.stack([a, b]), w, (n, n)).coalesce()
+        part = torch.sparse_coo_tensor(torch.stack([a, b]), w, (n, n), check_invariants=False).coalesce()
         acc += torch.sparse.mm(part, t64)
         mass.index_add_(0, a, w)
     if _distributed():

@@ -53,7 +53,7 @@ class IdStage:
         import ray.train.torch
 
         job = cfg.job
-        raw = SkipGram(len(items), job.dim, job.seed)
+        raw = SkipGram(len(items), cfg.dim, job.seed)
         model = ray.train.torch.prepare_model(raw)
         summed_loss = job.id_optimizer == "sgd"
         if summed_loss:

@@ -30,6 +30,8 @@ class ItemsWorkerConfig:
     batch_size: int
     lr: float
     text_steps: int | None
+    dim: int
+    dense_weight: float
     threads: int
     init: str | None  # fusion: the HF dir the encoder starts from
     tokenizer_hash: str | None
@@ -39,8 +41,8 @@ class ItemsWorkerConfig:
     @classmethod
     def from_job(cls, job: ItemsConfig, **driver_facts: Any) -> ItemsWorkerConfig:
         hp = job.resolved()
-        return cls(job=job, batch_size=hp.batch_size, lr=hp.lr, text_steps=hp.text_steps, threads=job.cpus_per_worker,
-                   **driver_facts)  # fmt: skip
+        return cls(job=job, batch_size=hp.batch_size, lr=hp.lr, text_steps=hp.text_steps, dim=hp.dim,
+                   dense_weight=hp.dense_weight, threads=job.cpus_per_worker, **driver_facts)  # fmt: skip
 
 
 @dataclass
@@ -107,6 +109,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     items = _items_table("items")
+    if job.kind == "softmax":
+        from ray_train.items_softmax import train_softmax
+
+        train_softmax(cfg, items, run_dir, rank, world, device)
+        return
     shard = ray.train.get_dataset_shard("train")
     total_steps = max(1, cfg.pairs // (cfg.batch_size * world)) * job.epochs
     if job.kind == "fusion":
@@ -179,9 +186,18 @@ def _export(cfg: ItemsWorkerConfig, stage: Any, items: Any, final: dict[str, Any
     """Rank 0 writes the export with :func:`common.models.save_export`, locally or to an object store
     (:func:`ray_train.runtime.write_export`, as train-mlm does): the metadata both kinds share here,
     the rest in the stage's ``export``."""
+    meta = export_meta(cfg, final)
+    ids = list(items["item_id"])
+    if cfg.job.kind == "id":
+        return stage.export(cfg.export_dir, ids, meta)
+    return stage.export(cfg.export_dir, ids, meta, cfg, id_table)
+
+
+def export_meta(cfg: ItemsWorkerConfig, final: dict[str, Any]) -> dict[str, Any]:
+    """The export metadata every kind shares (the stage adds its own)."""
     from common.models import new_model_version
 
-    meta = {
+    return {
         "kind": cfg.job.kind,
         "model_version": new_model_version(cfg.job.name),
         "inputs": cfg.inputs,
@@ -189,7 +205,3 @@ def _export(cfg: ItemsWorkerConfig, stage: Any, items: Any, final: dict[str, Any
         "config": cfg.job.to_dict(),
         "text_template": cfg.job.text_template,
     }
-    ids = list(items["item_id"])
-    if cfg.job.kind == "id":
-        return stage.export(cfg.export_dir, ids, meta)
-    return stage.export(cfg.export_dir, ids, meta, cfg, id_table)

@@ -6,8 +6,10 @@ How it works
 - Item text is rendered on the executors with :func:`common.text.render` and the model's own
   ``text_template`` (the exact function training used: no train/serve skew), with its ``text_hash``.
 - The model runs in ``mapInArrow``: each Arrow batch (``spark.sql.execution.arrow.maxRecordsPerBatch``
-  rows) goes straight to :meth:`common.models.TextEncoder.embed_items`, which sorts the batch by token
-  length so each forward pass carries little padding and restores the order. Rows are also sorted by
+  rows) goes straight to :meth:`common.models.TextEncoder.embed_pair`, which sorts the batch by token
+  length so each forward pass carries little padding and restores the order. A model scored by dot
+  product (kind softmax, :mod:`common.scoring`) writes its query side to ``embedding`` and its
+  candidate side to ``candidate``; cosine models leave ``candidate`` null. Rows are also sorted by
   text length within each Spark partition, so neighbouring Arrow batches have similar lengths.
   We use ``mapInArrow`` rather than ``pyspark.ml.functions.predict_batch_udf`` because it hands us the
   whole Arrow batch (length sorting across more than one model batch, id lookups for fusion models,
@@ -121,6 +123,25 @@ def vectors_to_arrow(mat: np.ndarray) -> pa.Array:
     return pa.ListArray.from_arrays(offsets, pa.array(np.ascontiguousarray(mat, np.float32).reshape(-1)))
 
 
+def embedding_rows(
+    item_ids: pa.Array, query: np.ndarray, candidate: np.ndarray | None, model_version: str, text_hash: pa.Array, catalog_version: int | None
+) -> pa.RecordBatch:
+    """One item_embeddings batch: ``query`` -> ``embedding``, ``candidate`` (None: a cosine model) -> ``candidate``."""
+    n, dim = query.shape
+    return pa.RecordBatch.from_arrays(
+        [
+            item_ids,
+            vectors_to_arrow(query),
+            vectors_to_arrow(candidate) if candidate is not None else pa.nulls(n, pa.list_(pa.float32())),
+            pa.array(np.full(n, dim, np.int32)),
+            pa.array([model_version] * n, pa.string()),
+            text_hash,
+            pa.array([catalog_version] * n, pa.int64()),
+        ],
+        schema=ITEM_EMBEDDINGS.arrow(),
+    )
+
+
 def embed_batches(
     batches: Iterator[pa.RecordBatch],
     model_dir: str,
@@ -130,32 +151,23 @@ def embed_batches(
     device: str,
     torch_threads: int,
 ) -> Iterator[pa.RecordBatch]:
-    """(item_id, text, text_hash) batches -> item_embeddings batches, model cached per worker."""
+    """(item_id, text, text_hash) batches -> item_embeddings batches, model cached per worker; a model
+    scored by dot product (:attr:`common.models.TextEncoder.asymmetric`) also fills ``candidate``."""
     from common.models import cached_encoder
 
     _set_threads(torch_threads)
     encoder = cached_encoder(model_dir, task_device(device))
     for batch in batches:
-        n = batch.num_rows
-        if n == 0:
+        if batch.num_rows == 0:
             continue
         ids = batch.column("item_id").to_pylist()
-        vecs = encoder.embed_items(ids, batch.column("text").to_pylist(), batch_size=batch_size)
-        yield pa.RecordBatch.from_arrays(
-            [
-                batch.column("item_id"),
-                vectors_to_arrow(vecs),
-                pa.array(np.full(n, encoder.dim, np.int32)),
-                pa.array([model_version] * n, pa.string()),
-                batch.column("text_hash"),
-                pa.array([catalog_version] * n, pa.int64()),
-            ],
-            schema=ITEM_EMBEDDINGS.arrow(),
-        )
+        query, candidate = encoder.embed_pair(ids, batch.column("text").to_pylist(), batch_size=batch_size)
+        yield embedding_rows(batch.column("item_id"), query, candidate if encoder.asymmetric else None, model_version,
+                             batch.column("text_hash"), catalog_version)  # fmt: skip
 
 
 def normalize_batches(batches: Iterator[pa.RecordBatch], model_version: str, catalog_version: int | None, dim: int) -> Iterator[pa.RecordBatch]:
-    """(item_id, embedding) batches of an ID model -> L2-normalised item_embeddings batches."""
+    """(item_id, embedding) batches of an ID model -> L2-normalised item_embeddings batches (cosine: no candidate)."""
     from common.vectors import l2_normalize
 
     for batch in batches:
@@ -165,17 +177,8 @@ def normalize_batches(batches: Iterator[pa.RecordBatch], model_version: str, cat
         flat = batch.column("embedding").flatten().to_numpy(zero_copy_only=False).astype(np.float32)
         if flat.size != n * dim:
             raise InputError(f"item_vectors.parquet: some vectors are not {dim}-dimensional (prodrep.json dim)")
-        yield pa.RecordBatch.from_arrays(
-            [
-                batch.column("item_id"),
-                vectors_to_arrow(l2_normalize(flat.reshape(n, dim))),
-                pa.array(np.full(n, dim, np.int32)),
-                pa.array([model_version] * n, pa.string()),
-                pa.nulls(n, pa.string()),
-                pa.array([catalog_version] * n, pa.int64()),
-            ],
-            schema=ITEM_EMBEDDINGS.arrow(),
-        )
+        yield embedding_rows(batch.column("item_id"), l2_normalize(flat.reshape(n, dim)), None, model_version,
+                             pa.nulls(n, pa.string()), catalog_version)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------ transforms
@@ -253,10 +256,13 @@ def id_model_rows(catalog: "DataFrame", vectors: "DataFrame", model_version: str
 
 
 def merge_model_rows(kept: "DataFrame | None", new: "DataFrame") -> "DataFrame":
-    """This model's kept rows + its new rows, in the table's column order."""
-    out = new.select(*ITEM_EMBEDDINGS.names)
+    """This model's kept rows + its new rows, in the table's column order (kept rows read from a table
+    written before a nullable column was declared get it as null)."""
+    from common.lake import conform_spark
+
+    out = conform_spark(new, ITEM_EMBEDDINGS)
     if kept is not None:
-        out = kept.select(*ITEM_EMBEDDINGS.names).unionByName(out)
+        out = conform_spark(kept, ITEM_EMBEDDINGS).unionByName(out)
     return out
 
 
@@ -265,6 +271,7 @@ def run(spark: "SparkSession", cfg: EmbedConfig) -> dict[str, Any]:
     """Embed the catalog with ``cfg.model`` and replace that model's rows of item_embeddings."""
     from common import lake as L
     from common.models import ITEM_VECTORS_FILE, local_model_dir, read_meta
+    from common.scoring import declared
 
     meta = read_meta(local_model_dir(cfg.model))
     # a URI goes to the executors as it is (each downloads it once, common.models.local_model_dir);
@@ -312,6 +319,7 @@ def run(spark: "SparkSession", cfg: EmbedConfig) -> dict[str, Any]:
         model_dir=model_dir,
         model_kind=kind,
         dim=dim,
+        scoring=meta.get("scoring") or {"type": declared(meta)},
         tokenizer_hash=meta.get("tokenizer_hash"),
         text_template=meta.get("text_template"),
         catalog_version=cat_v,

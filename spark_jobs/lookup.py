@@ -1,22 +1,33 @@
 """``prodrep similar ITEM_ID`` and ``prodrep search "text"``: read the lake, print the closest items.
 
-Driver-only (delta-rs via :func:`common.lake.read_pandas`, no Spark). ``similar`` reads the item's row
-of ``item_neighbors`` and, when the table or the item is missing there, scores it against every vector
-of ``item_embeddings`` on the fly. ``search`` embeds the query with the same model the catalog was
-embedded with (its directory is recorded in the item_embeddings commit metadata), rendering the query
-with :func:`common.text.render` like an item that has only a title.
+Driver-only (delta-rs via :func:`common.lake.read_pandas`, no Spark). Both rank by the model's declared
+score (:func:`common.scoring.score`: the query's ``embedding`` against every item's ``candidate``,
+``embedding`` for cosine models). ``similar`` reads the item's row of ``item_neighbors`` and, when the
+table or the item is missing there, scores it against every item of ``item_embeddings`` on the fly.
+``search`` embeds the query with the same model the catalog was embedded with (its directory is
+recorded in the item_embeddings commit metadata), rendering the query with :func:`common.text.render`
+like an item that has only a title, and taking its query-side vector as a cold item's (no history).
 """
 
 from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from common.command import Command
 from common.config import ConfigError, InputError, JobConfig, option
+from common.scoring import score
+
+if TYPE_CHECKING:  # pragma: no cover
+    from spark_jobs.neighbors import ModelVectors
+
+#: The id a search query is embedded under: no catalog item has it, so the model treats the query as a
+#: cold item (text only), whatever its kind.
+QUERY_ID = "\x00prodrep-search-query"
 
 
 @dataclass(frozen=True)
@@ -67,16 +78,16 @@ def titles(lake: str, item_ids: list[str]) -> dict[str, str]:
     return dict(zip(df["item_id"], df["title"]))
 
 
-def load_matrix(lake: str, model_version: str) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, vectors) of one model from item_embeddings."""
+def load_matrix(lake: str, model_version: str) -> "ModelVectors":
+    """One model's query and candidate vectors from item_embeddings."""
     from spark_jobs.neighbors import load_vectors
 
     return load_vectors(lake, model_version)
 
 
-def top_k(ids: np.ndarray, vectors: np.ndarray, query: np.ndarray, k: int, exclude: str | None = None) -> pd.DataFrame:
-    """Exact top-k of ``vectors @ query`` (ties broken by position), optionally excluding one id."""
-    scores = vectors @ query.astype(np.float32)
+def top_k(ids: np.ndarray, candidates: np.ndarray, query: np.ndarray, k: int, exclude: str | None = None) -> pd.DataFrame:
+    """Exact top-k of ``score(query, candidates)`` (ties broken by position), optionally excluding one id."""
+    scores = score(query[None, :], candidates)[0]
     if exclude is not None:
         scores = np.where(ids == exclude, -np.inf, scores)
     k = min(k, int(np.isfinite(scores).sum()))
@@ -103,14 +114,15 @@ def similar(lake: str, item_id: str, k: int = 10, model_version: str = "") -> tu
             rows = nb.sort_values("rank").head(k).reset_index(drop=True)
     if rows is None:  # no neighbour table (or not for this item): exact scores from the embeddings
         source = "item_embeddings (on the fly)"
-        ids, vectors = load_matrix(lake, model_version)
+        vectors = load_matrix(lake, model_version)
+        ids = vectors.ids
         hit = np.nonzero(ids == item_id)[0]
         if len(hit) == 0:
             raise InputError(
                 f"item {item_id!r} has no embedding for model {model_version} in {L.table_uri(lake, 'item_embeddings')}: "
                 f"check the id (catalog.item_id) or re-run `prodrep embed`"
             )
-        rows = top_k(ids, vectors, vectors[hit[0]], k, exclude=item_id)
+        rows = top_k(ids, vectors.candidate, vectors.query[hit[0]], k, exclude=item_id)
     names = titles(lake, [item_id, *rows["neighbor_id"]])
     rows["title"] = rows["neighbor_id"].map(names).fillna("")
     rows.attrs["source"] = source
@@ -125,13 +137,13 @@ def search(lake: str, query: str, k: int = 10, model_version: str = "") -> tuple
     model_version = resolve_model_version(lake, model_version)
     encoder = cached_encoder(model_dir_for(lake, model_version), "cpu")
     if encoder.kind == "id":
-        raise InputError(f"model {model_version} is an ID model (no text encoder): search needs a text model (mlm, fusion, pretrained)")
+        raise InputError(f"model {model_version} is an ID model (no text encoder): search needs a text model (mlm, fusion, pretrained, softmax)")
     text = render({"title": query}, encoder.meta.get("text_template") or DEFAULT_TEMPLATE)
     if not text:
         raise InputError('search: the query is empty; pass some text, e.g. prodrep search --lake L "christmas lights"')
-    q = encoder.embed([text])[0]
-    ids, vectors = load_matrix(lake, model_version)
-    rows = top_k(ids, vectors, q, k)
+    q = encoder.embed_pair([QUERY_ID], [text])[0][0]
+    vectors = load_matrix(lake, model_version)
+    rows = top_k(vectors.ids, vectors.candidate, q, k)
     names = titles(lake, list(rows["neighbor_id"]))
     rows["title"] = rows["neighbor_id"].map(names).fillna("")
     return rows, model_version

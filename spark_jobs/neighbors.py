@@ -1,12 +1,18 @@
-"""Top-K nearest neighbours of every item by inner product: item_embeddings -> item_neighbors (faiss + Spark).
+"""Top-K nearest neighbours of every item by the model's score: item_embeddings -> item_neighbors (faiss + Spark).
 
 ``prodrep neighbors --lake L [--k 50] [--model-version V]`` / ``spark-submit spark_jobs/neighbors.py ...``
 
-The driver builds one faiss index over the model's vectors (L2-normalised, so inner product = cosine):
-``IndexFlatIP`` (exact) up to ``flat_max`` items, ``IndexIVFFlat`` above it (``nlist`` ~ 4*sqrt(n)
-inverted lists trained on a sample, ``nprobe`` lists searched per query: recall vs speed). The index is
-serialised with ``faiss.serialize_index`` and broadcast once; each executor deserialises it once per
-Python worker (module cache) and answers the queries of its partitions in ``mapInArrow``. Every item
+Neighbours of item q are the top k over candidates c != q of :func:`common.scoring.score`
+(``embedding[q] · candidate[c]``, where a null ``candidate`` is ``embedding``): cosine for models with
+one L2-normalised vector, the dot product of query and candidate sides for kind softmax; both are an
+inner product, so one faiss inner-product index over the candidate vectors serves either.
+
+The driver builds one faiss index over the model's candidate vectors: ``IndexFlatIP`` (exact) up to
+``flat_max`` items, ``IndexIVFFlat`` above it (``nlist`` ~ 4*sqrt(n) inverted lists trained on a
+sample, ``nprobe`` lists searched per query: recall vs speed; with unnormalised dot-product vectors
+the lists are coarser, so raise ``nprobe`` for the same recall). The index is serialised with
+``faiss.serialize_index`` and broadcast once; each executor deserialises it once per Python worker
+(module cache) and answers the queries (``embedding``) of its partitions in ``mapInArrow``. Every item
 asks for k+1 neighbours and drops itself.
 """
 
@@ -26,6 +32,7 @@ import pyarrow as pa
 from common.command import Command, job_main
 from common.config import ConfigError, InputError, JobConfig, option
 from common.schemas import ITEM_NEIGHBORS
+from common.scoring import COSINE, DOT
 
 if TYPE_CHECKING:  # pragma: no cover
     from pyspark.sql import DataFrame, SparkSession
@@ -148,18 +155,51 @@ def latest_model_version(lake: str) -> str:
     return v
 
 
-def load_vectors(lake: str, model_version: str, version: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, (n, d) float32) of one model's vectors, read on the driver with delta-rs."""
+@dataclass(frozen=True)
+class ModelVectors:
+    """One model's rows of item_embeddings, in item_id order: the query side (``embedding``) and the
+    candidate side (``candidate``; the same array for cosine models), scored by :func:`common.scoring.score`."""
+
+    ids: np.ndarray  # (n,) object
+    query: np.ndarray  # (n, d) float32
+    candidate: np.ndarray  # (n, d) float32
+    scoring: str  # common.scoring.COSINE or DOT
+
+
+def _matrix(col: pa.ChunkedArray, rows: int) -> np.ndarray:
+    """list<float32> column without nulls -> (rows, d) float32."""
+    flat = col.combine_chunks().flatten().to_numpy(zero_copy_only=False).astype(np.float32)
+    return flat.reshape(rows, -1) if rows else np.zeros((0, 0), np.float32)
+
+
+def candidate_matrix(query: np.ndarray, candidate: pa.ChunkedArray) -> np.ndarray:
+    """The candidate vectors: the ``candidate`` column, ``query`` (= ``embedding``) where it is null."""
+    has = candidate.is_valid().to_numpy(zero_copy_only=False)
+    if not has.any():
+        return query  # a cosine model: one vector per item
+    values = _matrix(candidate.filter(pa.array(has)), int(has.sum()))
+    if values.shape[1] != query.shape[1]:
+        raise InputError(f"item_embeddings: candidate vectors have {values.shape[1]} dims, embedding {query.shape[1]}; re-run `prodrep embed`")
+    out = query.copy()
+    out[has] = values
+    return out
+
+
+def load_vectors(lake: str, model_version: str, version: int | None = None) -> ModelVectors:
+    """One model's query and candidate vectors, read on the driver with delta-rs."""
     from common import lake as L
 
-    t = L.read_arrow(lake, "item_embeddings", version, columns=["item_id", "embedding"], filters=[("model_version", "=", model_version)])
+    t = L.read_arrow(lake, "item_embeddings", version, columns=["item_id", "embedding", "candidate"],
+                     filters=[("model_version", "=", model_version)])  # fmt: skip
     if t.num_rows == 0:
         known = sorted(set(L.read_arrow(lake, "item_embeddings", version, columns=["model_version"]).column(0).to_pylist()))
         raise InputError(f"item_embeddings has no rows for model_version {model_version!r}; known: {known}")
     t = t.sort_by("item_id")  # index order decides ties (items with equal vectors): same output on every re-run
     ids = t.column("item_id").to_numpy(zero_copy_only=False).astype(object)
-    flat = t.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False).astype(np.float32)
-    return ids, flat.reshape(t.num_rows, -1)
+    query = _matrix(t.column("embedding"), t.num_rows)
+    cand = t.column("candidate")
+    scoring = DOT if cand.null_count < t.num_rows else COSINE
+    return ModelVectors(ids, query, candidate_matrix(query, cand), scoring)
 
 
 def query_neighbors(queries: "DataFrame", index, ids: np.ndarray, k: int, model_version: str, query_batch: int = 4096) -> "DataFrame":
@@ -185,10 +225,13 @@ def run(spark: "SparkSession", cfg: NeighborsConfig) -> dict[str, Any]:
     if emb_v is None:
         L.delta_table(cfg.lake, "item_embeddings")  # clear "run the stage first" error
     model_version = cfg.model_version or latest_model_version(cfg.lake)
-    ids, vectors = load_vectors(cfg.lake, model_version, emb_v)
-    n = len(ids)
-    log.info("building faiss index over %d x %d vectors (%s)", n, vectors.shape[1], "flat" if n <= cfg.flat_max else "ivf")
-    index = build_index(vectors, cfg.flat_max, cfg.nlist, cfg.nprobe, cfg.train_sample)
+    vectors = load_vectors(cfg.lake, model_version, emb_v)
+    ids, n = vectors.ids, len(vectors.ids)
+    log.info("building faiss index over %d x %d %s candidate vectors (%s)", n, vectors.candidate.shape[1], vectors.scoring,
+             "flat" if n <= cfg.flat_max else "ivf")  # fmt: skip
+    # the index holds the candidate side; the queries below read the query side (`embedding`)
+    index = build_index(vectors.candidate, cfg.flat_max, cfg.nlist, cfg.nprobe, cfg.train_sample)
+    scoring = vectors.scoring
     del vectors
     queries = L.read_spark(spark, cfg.lake, "item_embeddings", version=emb_v).filter(F.col("model_version") == model_version)
     min_parts = cfg.partitions or spark.sparkContext.defaultParallelism
@@ -201,17 +244,17 @@ def run(spark: "SparkSession", cfg: NeighborsConfig) -> dict[str, Any]:
     kind = "flat" if n <= cfg.flat_max else f"ivf(nlist={index.nlist}, nprobe={index.nprobe})"
     metadata = L.job_metadata(
         "neighbors", cfg, inputs={"item_embeddings": emb_v, "item_neighbors": nb_v},
-        model_version=model_version, k=cfg.k, index=kind, items=n,
+        model_version=model_version, k=cfg.k, index=kind, items=n, scoring={"type": scoring},
     )  # fmt: skip
     version = L.write_spark(out, cfg.lake, "item_neighbors", mode="overwrite", metadata=metadata, replace_where={"model_version": model_version})
-    summary = {"version": version, "model_version": model_version, "items": n, "k": cfg.k, "index": kind}
+    summary = {"version": version, "model_version": model_version, "items": n, "k": cfg.k, "index": kind, "scoring": scoring}
     log.info("item_neighbors v%s: %s", version, summary)
     return summary
 
 
 # ------------------------------------------------------------------------------------------ CLI
 def format_summary(s: dict[str, Any]) -> str:
-    return f"item_neighbors v{s['version']}: top-{s['k']} for {s['items']:,} items of {s['model_version']} ({s['index']})"
+    return f"item_neighbors v{s['version']}: top-{s['k']} for {s['items']:,} items of {s['model_version']} ({s['index']}, {s['scoring']})"
 
 
 def _run_command(cfg: NeighborsConfig, args: argparse.Namespace) -> int:

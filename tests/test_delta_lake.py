@@ -34,7 +34,10 @@ ROWS = {
     ],
     "cooccurrence": [dict(item_a="A", item_b="B", count=3, weight=1.5, freq_a=4, freq_b=5, cosine=0.67, ppmi=0.2, bucket=7)],
     "text_shards": [dict(item_id="A", text="mug", input_ids=[2, 55, 3], n_tokens=3, empty_text=False, split="val", shard=1)],
-    "item_embeddings": [dict(item_id="A", embedding=[0.6, 0.8], dim=2, model_version="m-1", text_hash="ab", catalog_version=3)],
+    "item_embeddings": [
+        dict(item_id="A", embedding=[0.6, 0.8], candidate=[1.5, -2.0], dim=2, model_version="m-1", text_hash="ab", catalog_version=3),
+        dict(item_id="B", embedding=[1.0, 0.0], candidate=None, dim=2, model_version="m-1", text_hash=None, catalog_version=None),
+    ],
     "item_neighbors": [dict(item_id="A", neighbor_id="B", rank=1, score=0.5, model_version="m-1")],
 }
 
@@ -183,3 +186,33 @@ def test_filters_spark_keeps_are_still_applied(spark, lake):
     got = df.where("split IS NOT NULL AND NOT split IN ('test') AND length > 1 AND session_id <> 's0'")
     assert [r.session_id for r in got.collect()] == ["s1"]
     assert sorted(r.session_id for r in df.where("split IN ('train', 'val')").collect()) == ["s0", "s1"]
+
+
+def test_old_table_gains_a_new_nullable_column(spark, lake, tmp_path):
+    """A table written before a nullable column was declared (item_embeddings before `candidate`) takes
+    a partition replace with the new schema (a legal Delta metadata update: embed's write); its old
+    files read that column as null through Spark and delta-rs. A table that never had the column reads
+    it as null when named, and takes a delta-rs append that adds it."""
+    from deltalake import write_deltalake
+
+    old_schema = pa.schema([f for f in TABLES["item_embeddings"].arrow() if f.name != "candidate"])
+    old = [dict(ROWS["item_embeddings"][1], item_id=i, model_version=m) for i, m in (("A", "old-1"), ("B", "new-1"))]
+
+    def write_old(root: str) -> None:
+        write_deltalake(L.table_uri(root, "item_embeddings"), pa.Table.from_pylist(old, schema=old_schema), partition_by=["model_version"])
+
+    write_old(lake)
+    new = dict(old[1], candidate=[1.0, 2.0], catalog_version=4)
+    L.write_spark(_df(spark, "item_embeddings", [new]), lake, "item_embeddings", "overwrite", {}, replace_where={"model_version": "new-1"})
+    assert pa.schema(DeltaTable(L.table_uri(lake, "item_embeddings")).schema().to_arrow()).names == TABLES["item_embeddings"].names
+    expected = _norm([dict(old[0], candidate=None), new])
+    assert _norm([r.asDict(recursive=True) for r in L.read_spark(spark, lake, "item_embeddings").collect()]) == expected
+    assert _norm(L.read_arrow(lake, "item_embeddings").to_pylist()) == expected
+
+    untouched = str(tmp_path / "untouched")
+    write_old(untouched)
+    got = L.read_arrow(untouched, "item_embeddings", columns=["item_id", "candidate"], filters=[("model_version", "=", "old-1")])
+    assert got.to_pylist() == [{"item_id": "A", "candidate": None}]
+    L.write_arrow(pa.Table.from_pylist([new]), untouched, "item_embeddings", mode="append")
+    got = sorted((r["item_id"], str(r["candidate"])) for r in L.read_arrow(untouched, "item_embeddings").to_pylist())
+    assert got == [("A", "None"), ("B", "None"), ("B", "[1.0, 2.0]")]

@@ -9,6 +9,7 @@ import pytest
 from common import lake as L
 from common.config import InputError
 from common.models import load_encoder, save_export
+from common.schemas import ITEM_EMBEDDINGS
 from common.text import render, text_hash
 from spark_jobs.embed_catalog import EmbedConfig, run
 from tests.test_models import export_tiny
@@ -104,11 +105,34 @@ def test_model_versions_coexist_and_id_model(spark, lake, tiny_model, tmp_path):
     ids = rows(lake, model_version="ids-1").set_index("item_id")
     assert sorted(ids.index) == ["22633", "85123A"]
     np.testing.assert_allclose(ids.loc["85123A", "embedding"], [0.6, 0.0, 0.8], atol=1e-7)
-    assert ids["text_hash"].isna().all() and (ids["dim"] == 3).all()
+    assert ids["text_hash"].isna().all() and ids["candidate"].isna().all() and (ids["dim"] == 3).all()
     a2 = rows(lake, model_version="tiny-00000001")
     assert len(a2) == len(ITEMS) and list(a2["item_id"]) == list(a["item_id"])
     np.testing.assert_allclose(np.stack(a2["embedding"].to_numpy()), np.stack(a["embedding"].to_numpy()), atol=1e-6)
     assert set(L.commit_info(lake, "item_embeddings")["models"]) == {"tiny-00000001", "ids-1"}
+
+
+def test_incremental_into_a_table_from_before_the_candidate_column(spark, lake, tiny_model):
+    """An existing lake's item_embeddings has no `candidate` column: an incremental embed keeps the old
+    rows (their candidate reads as null) and replaces the model's partition under the new schema."""
+    from deltalake import write_deltalake
+
+    write_catalog(lake)
+    enc = load_encoder(tiny_model, "cpu")
+    by_id = {i[0]: dict(zip(("item_id", "title", "description", "category", "brand"), i)) for i in ITEMS}
+    ids = [i for i in by_id if i != "POST"]  # POST has no row yet: the one item to embed
+    texts = [render(by_id[i]) for i in ids]
+    old_schema = pa.schema([f for f in ITEM_EMBEDDINGS.arrow() if f.name != "candidate"])
+    old = pa.table({"item_id": ids, "embedding": pa.array(list(enc.embed(texts)), pa.list_(pa.float32())),
+                    "dim": pa.array([32] * len(ids), pa.int32()), "model_version": ["tiny-00000001"] * len(ids),
+                    "text_hash": [text_hash(t) for t in texts], "catalog_version": pa.array([0] * len(ids), pa.int64())},
+                   schema=old_schema)  # fmt: skip
+    write_deltalake(L.table_uri(lake, "item_embeddings"), old, partition_by=["model_version"])
+    s = run(spark, EmbedConfig(lake=lake, model=tiny_model, incremental=True))
+    assert (s["embedded"], s["kept"]) == (1, len(ids))
+    got = rows(lake).set_index("item_id")
+    assert sorted(got.index) == sorted(by_id) and got["candidate"].isna().all()
+    np.testing.assert_allclose(got.loc["POST", "embedding"], enc.embed([render(by_id["POST"])])[0], atol=1e-5)
 
 
 def test_missing_catalog_is_clear(spark, lake, tiny_model):

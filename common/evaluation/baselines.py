@@ -21,6 +21,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from common.evaluation.protocol import LOW, EvalContext
+from common.scoring import DOT, score
 
 if TYPE_CHECKING:  # pragma: no cover
     from common.evaluation.cache import FitCache
@@ -84,37 +85,53 @@ class Cooccurrence(Method):
 
 
 class Dense(Method):
-    """Cosine similarity of L2-normalised vectors. Items without a vector score :data:`LOW` as
+    """Items scored by :func:`common.scoring.score`: cosine of L2-normalised vectors or, given
+    ``candidates`` (an asymmetric model, kind softmax), the dot product of the query's vector and the
+    candidate's candidate-side vector, unnormalised. Items without a vector score :data:`LOW` as
     candidates; a query without a vector scores every candidate 0 (= popularity order)."""
 
-    def __init__(self, name: str, vectors: np.ndarray, present: np.ndarray) -> None:
+    def __init__(self, name: str, vectors: np.ndarray, present: np.ndarray, candidates: np.ndarray | None = None) -> None:
         super().__init__(name)
         v = np.asarray(vectors, dtype=np.float32)
-        norms = np.linalg.norm(v, axis=1, keepdims=True)
-        v = np.divide(v, norms, out=np.zeros_like(v), where=norms > 0)
-        self.present = np.asarray(present, dtype=bool) & (norms[:, 0] > 0)
+        if candidates is None:
+            norms = np.linalg.norm(v, axis=1, keepdims=True)
+            v = np.divide(v, norms, out=np.zeros_like(v), where=norms > 0)
+            self.present = np.asarray(present, dtype=bool) & (norms[:, 0] > 0)
+        else:
+            self.present = np.asarray(present, dtype=bool)
+            self.info["scoring"] = DOT
         v[~self.present] = 0.0
+        # An asymmetric model's `vectors` (what the category probe and the projection read) are its
+        # query side: where an item points, not the bias / popularity terms of its candidate side.
         self.vectors = v
+        self._candidates = v if candidates is None else np.asarray(candidates, dtype=np.float32)
 
     def score(self, q: np.ndarray) -> np.ndarray:
-        s = self.vectors[q] @ self.vectors.T
+        s = score(self.vectors[q], self._candidates)
         s[:, ~self.present] = LOW
         s[~self.present[q]] = 0.0
         return s
 
 
-def dense_from_mapping(name: str, ctx: EvalContext, item_ids: Sequence[str], vectors: np.ndarray) -> Dense:
-    """A :class:`Dense` method from (item id, vector) pairs; ids outside the universe are ignored."""
+def dense_from_mapping(
+    name: str, ctx: EvalContext, item_ids: Sequence[str], vectors: np.ndarray, candidates: np.ndarray | None = None
+) -> Dense:
+    """A :class:`Dense` method from (item id, vector[, candidate vector]) rows; ids outside the universe
+    are ignored. ``candidates`` (an asymmetric model): score = query vector @ candidate vector."""
+
+    def spread(rows: np.ndarray) -> np.ndarray:  # (len(item_ids), d) -> (N, d) in universe order
+        full = np.zeros((ctx.n_items, dim), dtype=np.float32)
+        full[pos[ok]] = rows[ok]
+        return full
+
     vectors = np.asarray(vectors, dtype=np.float32)
     dim = vectors.shape[1] if vectors.ndim == 2 and len(vectors) else 1
-    full = np.zeros((ctx.n_items, dim), dtype=np.float32)
     present = np.zeros(ctx.n_items, dtype=bool)
     pos = np.array([ctx.index.get(str(i), -1) for i in item_ids], dtype=np.int64)
     ok = pos >= 0
-    if ok.any():
-        full[pos[ok]] = vectors[ok]
-        present[pos[ok]] = True
-    return Dense(name, full, present)
+    present[pos[ok]] = True
+    cand = None if candidates is None else spread(np.asarray(candidates, dtype=np.float32))
+    return Dense(name, spread(vectors), present, cand)
 
 
 class TfIdf(Method):
