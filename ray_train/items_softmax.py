@@ -149,7 +149,7 @@ def _global_mass(mat: Any, device: Any) -> torch.Tensor:
 
 @dataclass
 class SoftmaxStage:
-    """The softmax kind's model, optimizer and data on one worker; :meth:`train` runs the passes."""
+    """The softmax kind's model, optimizer and data on one worker; :func:`train_softmax` runs the steps."""
 
     raw: CatalogSoftmax
     model: Any  # raw, DDP-wrapped
