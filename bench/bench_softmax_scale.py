@@ -134,8 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     ray.shutdown()
     n_items, rows = int(res["items"]), int(res["rows_per_step"])
     train_steps_s = res["step"] / res["elapsed_s"]
-    cooc = L.delta_table(lake, "cooccurrence")
-    nnz = int(sum(a["num_records"] for a in cooc.get_add_actions(flatten=True).to_pylist()))
+    nnz = L.read_arrow(lake, "cooccurrence", columns=["bucket"]).num_rows
     plain = plain_steps(n_items, int(res["text_dim"]), 256, min(rows, max(1, int(res["query_rows"]) // args.workers)),
                         max(1, nnz // max(1, int(res["query_rows"]))), args.threads, steps=5)  # fmt: skip
     lines = [
