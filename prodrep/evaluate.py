@@ -64,6 +64,7 @@ class EvaluateConfig(JobConfig):
     item2vec_epochs: tuple[int, ...] = option((5, 10), "item2vec_tuned grid: epochs")
     item2vec_ns_exponents: tuple[float, ...] = option((-0.5, 0.75), "item2vec_tuned grid: negative-sampling exponents")
     item2vec_samples: tuple[float, ...] = option((1e-3,), "item2vec_tuned grid: frequent-item `sample` thresholds")
+    item2vec_windows: tuple[int, ...] = option((0,), "item2vec_tuned grid: context windows (0 = the whole basket)")
     item2vec_search: Literal["halving", "grid"] = option("halving", "item2vec_tuned: 'grid' fits every point; 'halving' fits "
                                                          "every ns_exponent/sample at the fewest epochs, then more epochs "
                                                          "for the leader only (about half the fit time)")  # fmt: skip
@@ -81,6 +82,9 @@ class EvaluateConfig(JobConfig):
     probe_min_sessions: int = option(5, "category probe / projection: items in at least this many train sessions")
     probe_folds: int = option(5, "category probe: cross-validation folds")
     projection_max_points: int = option(3000, "projection plot: at most this many items")
+    projection_method: Literal["tsne", "pca"] = option("tsne", "projection plot: 'tsne' (scikit-learn t-SNE after a 50-d PCA; "
+                                                       "keeps neighbourhoods) or 'pca' (the 2 leading components; keeps "
+                                                       "global directions, blurs groups)")  # fmt: skip
     clusters: int = option(8, "co-occurrence clusters colouring the projection when there is no category")
     progress: bool = option(True, "progress bars while scoring")
     eval_split: str = option("test", "sessions scored: test (the report) or val (tune any model or setting there, never on test)")
@@ -102,8 +106,10 @@ class EvaluateConfig(JobConfig):
             )
         if not 0.0 < self.pseudo_val_fraction < 1.0:
             raise ConfigError(f"pseudo_val_fraction={self.pseudo_val_fraction} must be in (0, 1), e.g. 0.1")
-        if not (self.item2vec_epochs and self.item2vec_ns_exponents and self.item2vec_samples):
-            raise ConfigError("item2vec grid needs at least one value each for epochs, ns_exponents and samples")
+        if not (self.item2vec_epochs and self.item2vec_ns_exponents and self.item2vec_samples and self.item2vec_windows):
+            raise ConfigError("item2vec grid needs at least one value each for epochs, ns_exponents, samples and windows")
+        if min(self.item2vec_windows) < 0:
+            raise ConfigError(f"item2vec_windows={self.item2vec_windows}: use 0 (the whole basket) or a positive window")
         if not self.rp3_alphas or min(self.rp3_alphas) <= 0 or (self.rp3_betas and min(self.rp3_betas) < 0):
             raise ConfigError(f"rp3_alphas={self.rp3_alphas} must be > 0 and rp3_betas={self.rp3_betas} >= 0")
         if not self.ease_lambdas or min(self.ease_lambdas) <= 0 or self.ease_max_items < 2:
@@ -278,7 +284,7 @@ def val_context(cfg: EvaluateConfig, state: dict[str, Any]) -> tuple[EvalContext
 def tune(ctx: EvalContext, cfg: EvaluateConfig, state: dict[str, Any], fit_kw: dict[str, Any]) -> B.Item2VecParams:
     """Choose item2vec's grid point on the val split (or pseudo-val); never looks at test."""
     val_ctx, source = val_context(cfg, state)
-    grid = B.item2vec_grid(cfg.item2vec_epochs, cfg.item2vec_ns_exponents, cfg.item2vec_samples)
+    grid = B.item2vec_grid(cfg.item2vec_epochs, cfg.item2vec_ns_exponents, cfg.item2vec_samples, cfg.item2vec_windows)
     log.info("item2vec: tuning %d grid points on %s, %d val queries", len(grid), source, len(val_ctx.queries))
     t0 = time.perf_counter()
     chosen, rows = B.tune_item2vec(val_ctx, grid, k=cfg.tune_k, batch_size=cfg.batch_size, cache=state["cache"],
@@ -366,8 +372,9 @@ def cooc_clusters(ctx: EvalContext, counts, idx: np.ndarray, k: int, titles: dic
 
 
 def projection(ctx: EvalContext, method: B.Method, cfg: EvaluateConfig, state: dict[str, Any], path: Path) -> str | None:
-    """2-D PCA (TruncatedSVD for sparse vectors) of ``method``'s items in >= probe_min_sessions train
-    sessions, coloured by category, or by co-occurrence cluster when the catalog has none."""
+    """2-D map of ``method``'s items in >= probe_min_sessions train sessions, coloured by category, or by
+    co-occurrence cluster when the catalog has none: t-SNE (``projection_method``, default) after a
+    50-d PCA / TruncatedSVD, or plain 2-D PCA. Records the caption under ``state["projection"]``."""
     import scipy.sparse as sp
     from sklearn.decomposition import PCA, TruncatedSVD
     from sklearn.preprocessing import normalize
@@ -378,7 +385,19 @@ def projection(ctx: EvalContext, method: B.Method, cfg: EvaluateConfig, state: d
     if len(idx) > cfg.projection_max_points:
         idx = np.sort(np.random.default_rng(cfg.seed).choice(idx, cfg.projection_max_points, replace=False))
     x = normalize(method.vectors[idx])
-    xy = TruncatedSVD(2, random_state=0).fit_transform(x) if sp.issparse(x) else PCA(2, random_state=0).fit_transform(x)
+    dims = 2 if cfg.projection_method == "pca" else min(50, x.shape[1], len(idx))  # t-SNE runs on a 50-d PCA
+    if sp.issparse(x):
+        reduced = TruncatedSVD(max(2, min(dims, x.shape[1] - 1)), random_state=0).fit_transform(x)  # needs k < features
+    else:
+        reduced = PCA(max(2, dims), random_state=0).fit_transform(x)
+    use_tsne = cfg.projection_method == "tsne" and len(idx) > 5
+    if use_tsne:
+        from sklearn.manifold import TSNE
+
+        perplexity = float(min(30, (len(idx) - 1) / 3))  # t-SNE needs perplexity < n items
+        xy = TSNE(2, perplexity=perplexity, init="pca", random_state=cfg.seed).fit_transform(reduced)
+    else:
+        xy = reduced[:, :2]
     cats = state["categories"]
     labels = [cats.get(str(ctx.items[i])) or "" for i in idx]
     if any(labels):
@@ -390,7 +409,22 @@ def projection(ctx: EvalContext, method: B.Method, cfg: EvaluateConfig, state: d
         by = "top co-occurrence cluster"
     from common.evaluation.report import plot_projection
 
-    return plot_projection(xy, labels, f"{method.name}: 2-D projection coloured by {by}", path)
+    how = "t-SNE" if use_tsne else "PCA"
+    n_labels = len({str(v) for v in labels})  # plot_projection colours the 12 largest
+    state["projection"] = {
+        "method": method.name, "how": how, "by": by, "items": int(len(idx)),
+        "caption": (
+            f"Each dot is one of {len(idx):,} items in >= {cfg.probe_min_sessions} train sessions, placed by {how} of "
+            f"`{method.name}`'s vectors and coloured by {by}"
+            + (f" (the 12 largest of {n_labels}; the rest grey). " if n_labels > 12 else f" ({n_labels} of them). ")
+            + ("t-SNE keeps neighbourhoods: items close in the embedding land close on the map, but the distances "
+               "between groups and the groups' sizes mean nothing. " if use_tsne else
+               "PCA keeps the two directions of most variance; groups that differ elsewhere overlap. ")
+            + f"What to look for: one colour forming tight islands means the embedding separates that {by}; "
+            "colours mixed in one cloud mean it does not (compare with the category probe's accuracy above)."
+        ),
+    }  # fmt: skip
+    return plot_projection(xy, labels, f"{method.name}: 2-D {how} coloured by {by}", path)
 
 
 # -------------------------------------------------------------------------------------------- run
@@ -546,6 +580,7 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
         "item2vec": state.get("item2vec", {}),
         "tuning": state.get("tuning", {}),
         "projection_method": best,
+        "projection": state.get("projection", {}),
         "notes": notes,
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
         "cache": {"dir": str(cache.dir) if cache.dir else None, "hits": cache.hits, "misses": cache.misses},

@@ -183,6 +183,9 @@ def test_harness_on_tiny_lake(lake, tmp_path):
     assert "| cooc_count |" in md and MODEL in md
     metrics = json.loads((rep / "metrics.json").read_text())
     assert len(metrics["details"]["recall_curves"]["cooc_count"]["overall"]) == 30  # K = 1..(31 candidates - the query)
+    proj = metrics["details"]["projection"]  # t-SNE of the model's items, coloured by the catalog's category
+    assert (proj["method"], proj["how"], proj["by"], proj["items"]) == (MODEL, "t-SNE", "category", 2 * GROUP)
+    assert proj["caption"] in md and "What to look for" in proj["caption"]
     # same config, same lake -> identical numbers
     again = run(_cfg(lake, tmp_path))
     assert again == res
@@ -290,9 +293,25 @@ def test_item2vec_halving_fits_the_leader_only_at_more_epochs():
     assert [r["epochs"] for r in half_rows] == [1, 1, 2]
     lead = max(half_rows[:2], key=lambda r: r["val_recall@5"])  # ties: the first row
     assert half_rows[2]["ns_exponent"] == lead["ns_exponent"]
-    assert {**half.__dict__} in [{k: r[k] for k in ("epochs", "ns_exponent", "sample")} for r in half_rows]
+    assert {**half.__dict__} in [{k: r[k] for k in ("epochs", "ns_exponent", "sample", "window")} for r in half_rows]
     one_ns = B.item2vec_grid((1, 2), (0.75,), (1e-3,))
     assert B.tune_item2vec(ctx, one_ns, k=5, search="halving", **kw)[0] == B.tune_item2vec(ctx, one_ns, k=5, search="grid", **kw)[0]
     assert full in grid
     with pytest.raises(ValueError, match="halving"):
         B.tune_item2vec(ctx, grid, k=5, search="random", **kw)
+    # a window in the grid: halving carries the leader's window to more epochs
+    windowed = B.item2vec_grid((1, 2), (0.75,), (1e-3,), windows=(0, 1))
+    _, rows = B.tune_item2vec(ctx, windowed, k=5, search="halving", **kw)
+    assert [r["epochs"] for r in rows] == [1, 1, 2] and rows[2]["window"] == max(rows[:2], key=lambda r: r["val_recall@5"])["window"]
+
+
+def test_item2vec_window_limits_the_context():
+    """window=0 pairs every item of a basket (window = longest session); window=1 only neighbours in the
+    shuffled basket, so the fits differ; the label names a finite window only."""
+    pytest.importorskip("gensim")
+    train, _ = _sessions()
+    kw = {"seed": 0, "workers": 1, "min_count": 1, "vector_size": 8}
+    whole = B.fit_item2vec(train, B.Item2VecParams(epochs=1), **kw)
+    near = B.fit_item2vec(train, B.Item2VecParams(epochs=1, window=1), **kw)
+    assert whole[0] == near[0] and not np.allclose(whole[1], near[1])
+    assert "window" not in B.Item2VecParams().label() and B.Item2VecParams(window=20).label().endswith("window=20")

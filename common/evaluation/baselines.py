@@ -10,6 +10,7 @@ text baselines (TF-IDF, MiniLM) see only the item text rendered by :func:`common
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import time
@@ -181,9 +182,14 @@ class Item2VecParams:
     epochs: int = 5
     ns_exponent: float = 0.75
     sample: float = 1e-3
+    # 0 = the longest session: every pair of a basket is a context pair (item2vec's set-as-context). A
+    # finite window pairs each item with items up to that far away in the shuffled basket, so a large
+    # basket gives each of its items about `window` contexts instead of all of them.
+    window: int = 0
 
     def label(self) -> str:
-        return f"epochs={self.epochs} ns_exponent={self.ns_exponent:g} sample={self.sample:g}"
+        win = f" window={self.window}" if self.window else ""
+        return f"epochs={self.epochs} ns_exponent={self.ns_exponent:g} sample={self.sample:g}{win}"
 
 
 def shuffled_sentences(sessions: Sequence[Sequence[str]], seed: int) -> list[list[str]]:
@@ -205,7 +211,8 @@ def fit_item2vec(
     min_count: int = 5,
     vector_size: int = 100,
 ) -> tuple[list[str], np.ndarray]:
-    """Skip-gram with negative sampling over shuffled sessions, window = longest session.
+    """Skip-gram with negative sampling over shuffled sessions; window ``params.window`` (0: the
+    longest session, so the whole basket is each item's context).
 
     Returns (vocabulary item ids, vectors). With ``workers > 1`` gensim's thread scheduling makes the
     vectors vary slightly between runs; ``workers=1`` is bit-reproducible.
@@ -213,7 +220,7 @@ def fit_item2vec(
     from gensim.models import Word2Vec
 
     sentences = shuffled_sentences(sessions, seed)
-    window = max((len(s) for s in sentences), default=1)
+    window = params.window or max((len(s) for s in sentences), default=1)
     model = Word2Vec(
         sentences=sentences,
         sg=1,
@@ -253,9 +260,10 @@ def item2vec_method(name: str, ctx: EvalContext, params: Item2VecParams, cache: 
     return m
 
 
-def item2vec_grid(epochs: Sequence[int], ns_exponents: Sequence[float], samples: Sequence[float]) -> list[Item2VecParams]:
-    """Every combination of the three grids."""
-    return [Item2VecParams(e, n, s) for e, n, s in itertools.product(epochs, ns_exponents, samples)]
+def item2vec_grid(epochs: Sequence[int], ns_exponents: Sequence[float], samples: Sequence[float],
+                  windows: Sequence[int] = (0,)) -> list[Item2VecParams]:  # fmt: skip
+    """Every combination of the grids."""
+    return [Item2VecParams(e, n, s, w) for e, n, s, w in itertools.product(epochs, ns_exponents, samples, windows)]
 
 
 def tune_item2vec(
@@ -270,7 +278,7 @@ def tune_item2vec(
     """Pick the grid point with the best Recall@k on ``val_ctx`` (built from the tuning-train sessions
     and the val sessions; never the test split).
 
-    ``search="grid"`` fits every point. ``search="halving"`` fits every (ns_exponent, sample) pair at
+    ``search="grid"`` fits every point. ``search="halving"`` fits every (ns_exponent, sample, window) at
     the fewest epochs only, then each larger epoch count for the best pair so far alone: a fit costs
     about its epochs, so this skips the costliest fits of settings that already lost (successive
     halving over epochs, as in Hyperband). The rows list only the fitted points."""
@@ -305,7 +313,7 @@ def tune_item2vec(
                 score(p)
         for e in epochs[1:]:
             lead = leader()
-            candidate = Item2VecParams(e, lead.ns_exponent, lead.sample)
+            candidate = dataclasses.replace(lead, epochs=e)
             if candidate in grid:
                 score(candidate)
     return leader(), rows

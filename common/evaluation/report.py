@@ -176,6 +176,8 @@ def render_markdown(results: Mapping[str, Any], details: Mapping[str, Any], plot
         lines += ["", "## Plots", ""]
         for title, p in plots.items():
             lines.append(f"![{title}]({Path(p).name})")
+            if title == "projection" and (details.get("projection") or {}).get("caption"):
+                lines += ["", f"*{details['projection']['caption']}*", ""]
     return "\n".join(lines) + "\n"
 
 
