@@ -20,7 +20,7 @@ from torch import nn
 from common.models import pool
 from ray_train.data import pad_batch
 from ray_train.losses import info_nce
-from ray_train.losses.infonce import _distributed
+from ray_train.collectives import all_reduce, distributed
 
 log = logging.getLogger(__name__)
 
@@ -247,7 +247,7 @@ def pool_all(tower: TextTower, token_ids: list[np.ndarray], pad_id: int, device:
             idx = order[s : s + batch]
             ids, mask = pad_batch([token_ids[i] for i in idx], pad_id, multiple_of=1)  # (b, T)
             out[torch.as_tensor(idx) - lo] = tower.pooled(ids.to(device), mask.to(device)).float()
-    if _distributed():
+    if distributed():
         import torch.distributed as dist
 
         parts = [torch.empty_like(out) for _ in range(world)]
@@ -278,10 +278,7 @@ def propagate(text: torch.Tensor, beta: float, device: Any) -> torch.Tensor:
         part = torch.sparse_coo_tensor(torch.stack([a, b]), w, (n, n), check_invariants=False).coalesce()
         acc += torch.sparse.mm(part, t64)
         mass.index_add_(0, a, w)
-    if _distributed():
-        import torch.distributed as dist
-
-        dist.all_reduce(acc)
-        dist.all_reduce(mass)
+    all_reduce(acc)
+    all_reduce(mass)
     out = float(beta) * acc / mass.clamp(min=1e-12)[:, None]
     return out.float()

@@ -38,6 +38,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ray_train.collectives import all_reduce
+
 log = logging.getLogger(__name__)
 
 
@@ -120,31 +122,10 @@ def _target(mat: Any, rows: np.ndarray, device: Any) -> torch.Tensor:
                                    check_invariants=False).coalesce()  # built from a valid CSR: no checks needed
 
 
-def _world() -> int:
-    from ray_train.items_fusion import _distributed
-
-    if not _distributed():
-        return 1
-    import torch.distributed as dist
-
-    return dist.get_world_size()
-
-
-def _all_reduce(x: torch.Tensor, op: str = "sum") -> torch.Tensor:
-    """Sum (or max) of ``x`` over the workers, in place; ``x`` itself in a single process."""
-    from ray_train.items_fusion import _distributed
-
-    if _distributed():
-        import torch.distributed as dist
-
-        dist.all_reduce(x, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
-    return x
-
-
 def _global_mass(mat: Any, device: Any) -> torch.Tensor:
     """Log column mass of the whole co-occurrence matrix (every worker's rows), for the bias init."""
     mass = torch.from_numpy(np.asarray(mat.sum(axis=0)).ravel().astype(np.float64)).to(device)
-    return torch.log(_all_reduce(mass) + 1e-3)
+    return torch.log(all_reduce(mass) + 1e-3)
 
 
 @dataclass
@@ -161,6 +142,7 @@ class SoftmaxStage:
     rows: np.ndarray  # query rows with mass on this worker
     rows_per_step: int
     device: Any
+    world: int  # workers stepping together (the loss is normalised over all of them)
     stats: dict[str, Any]
     full_target: Any = None  # the sparse target of all rows, cached when one step covers them
 
@@ -194,11 +176,11 @@ class SoftmaxStage:
         opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
         per_step = max(1, int(job.softmax_logits) // max(1, len(items)))
         stats = {"text_features_s": t1 - t0, "rows_s": time.perf_counter() - t1, "text_dim": int(text.shape[1])}
-        return cls(raw, model, opt, encoder, tok, lexical, mat, rows, per_step, device, stats)
+        return cls(raw, model, opt, encoder, tok, lexical, mat, rows, per_step, device, world, stats)
 
     def steps_per_epoch(self) -> int:
         """Steps of one pass over the rows: the same on every worker (DDP steps in lock-step)."""
-        n = _all_reduce(torch.tensor([len(self.rows)], dtype=torch.int64), op="max")
+        n = all_reduce(torch.tensor([len(self.rows)], dtype=torch.int64), op="max")
         return max(1, -(-int(n.item()) // self.rows_per_step))
 
     def step(self, epoch: int, k: int, steps: int, seed: int, dropout: float) -> torch.Tensor:
@@ -223,13 +205,13 @@ class SoftmaxStage:
         summed, mass = self.model(torch.from_numpy(batch).to(self.device), keep_q, keep_c, target)
         summed, mass = summed * used, mass * used
         # the step's mean over every worker's pairs: DDP averages gradients, so scale by world / total mass
-        total = _all_reduce(mass.clone())
-        world = _world()
+        total = all_reduce(mass.clone())
+        world = self.world
         loss = summed * (world / total.clamp(min=1e-12))
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
-        return _all_reduce(loss.detach()) / world  # the global mean, the same on every worker
+        return all_reduce(loss.detach()) / world  # the global mean, the same on every worker
 
     def export(self, target: str, ids: list[str], freq: np.ndarray, meta: dict[str, Any], cfg: Any) -> str:
         """Rank 0: the frozen encoder + tokenizer [+ lexical block] + the softmax head."""
@@ -307,7 +289,7 @@ def train_softmax(cfg: Any, items: Any, run_dir: str | None, rank: int, world: i
     import resource
 
     # peak resident memory of the busiest worker (ru_maxrss: KiB on Linux), what a scale test bounds
-    rss = _all_reduce(torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss], dtype=torch.int64), op="max")
+    rss = all_reduce(torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss], dtype=torch.int64), op="max")
     final["peak_rss_mb_max_worker"] = round(int(rss.item()) / 1024, 1)
     final["model_dir"] = None
     if rank == 0:

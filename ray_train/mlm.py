@@ -175,21 +175,6 @@ def check_init_tokenizer(init: str, shards_tokenizer_dir: str, tokenizer_hash: s
 
 
 # ---------------------------------------------------------------------------------------- one step
-def _dist() -> tuple[Any, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist, dist.get_world_size()
-    return None, 1
-
-
-def _all_sum(t: Any) -> Any:
-    dist, world = _dist()
-    if dist is not None and world > 1:
-        dist.all_reduce(t)
-    return t
-
-
 def autocast_ctx(device: Any) -> Any:
     """bf16 autocast on CUDA; nothing on CPU (bf16 matmuls are slow on most CPUs)."""
     import torch
@@ -217,11 +202,13 @@ def train_step(
     """
     import torch
 
-    _, world = _dist()
+    from ray_train.collectives import all_reduce, world_size
+
+    world = world_size()
     batches = [{k: v.to(device, non_blocking=True) for k, v in b.items()} for b in micro_batches]
     counts = torch.stack([(b["labels"] != -100).sum() for b in batches] + [sum(b["attention_mask"].sum() for b in batches)])
     masked_local = counts[:-1].sum()
-    global_counts = _all_sum(torch.stack([masked_local, counts[-1]]).double())
+    global_counts = all_reduce(torch.stack([masked_local, counts[-1]]).double())
     denom = global_counts[0].clamp(min=1.0).float()
     nll_total = torch.zeros((), device=device)
     for i, b in enumerate(batches):
@@ -237,7 +224,7 @@ def train_step(
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    nll_global = _all_sum(nll_total.double())
+    nll_global = all_reduce(nll_total.double())
     return {"loss": nll_global / global_counts[0].clamp(min=1.0), "masked": global_counts[0], "tokens": global_counts[1], "grad_norm": grad_norm}
 
 
@@ -245,6 +232,7 @@ def evaluate_nll(mlm: Any, batches: Sequence[dict[str, Any]], device: Any) -> tu
     """(summed NLL, masked-token count) over fixed masked batches, summed over all workers."""
     import torch
 
+    from ray_train.collectives import all_reduce
     from ray_train.losses import MaskedLMLoss
 
     loss_module = MaskedLMLoss(mlm)
@@ -258,7 +246,7 @@ def evaluate_nll(mlm: Any, batches: Sequence[dict[str, Any]], device: Any) -> tu
                 total[0] += loss_module(**b).double()
             total[1] += (b["labels"] != -100).sum()
     mlm.train(was_training)
-    total = _all_sum(total)
+    total = all_reduce(total)
     return float(total[0]), float(total[1])
 
 

@@ -15,11 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-
-def _distributed() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+from ray_train.collectives import distributed
 
 
 def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -28,7 +24,7 @@ def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     Returns the concatenation over workers and the row offset of this worker's block.
     Without an initialised process group it is the identity with offset 0.
     """
-    if not _distributed():
+    if not distributed():
         return x, 0
     import torch.distributed as dist
     import torch.distributed.nn.functional as dist_fn
@@ -39,7 +35,7 @@ def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 def gather_ids(x: torch.Tensor) -> torch.Tensor:
     """Plain (no-grad) all-gather of an id tensor; identity without a process group."""
-    if not _distributed():
+    if not distributed():
         return x
     import torch.distributed as dist
 
