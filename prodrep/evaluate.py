@@ -342,15 +342,23 @@ def perplexities(lake: str, notes: list[str]) -> dict[str, float]:
     if not L.exists(lake, "text_shards"):
         notes.append("perplexity skipped: no text_shards table (run `prodrep tokenize`)")
         return {}
-    shards = L.read_pandas(lake, "text_shards", columns=["input_ids", "split"], filters=[("split", "=", "test")])
-    ids = [list(map(int, x)) for x in shards["input_ids"]]
-    if not ids:
+    shards = L.read_pandas(lake, "text_shards", columns=["text", "split"], filters=[("split", "=", "test")])
+    texts = [str(t) for t in shards["text"]]
+    if not texts:
         notes.append("perplexity skipped: text_shards has no test split")
         return {}
+    from ray_train.data import load_tokenizer
+
     out = {}
     for version, d in mlms:
+        # each model reads the held-out texts through its own tokenizer: text_shards may have been
+        # re-tokenized for another model since (e.g. MiniLM's vocabulary for a domain-adapted run)
+        meta = json.loads((d / "prodrep.json").read_text())
+        ids = load_tokenizer(str(d))(texts, truncation=True, max_length=int(meta.get("max_length") or 128))["input_ids"]
         out[version] = round(float(masked_perplexity(str(d), ids, seed=0)), 3)
         log.info("perplexity %s: %.3f on %d held-out texts", version, out[version], len(ids))
+    if len({json.loads((d / "prodrep.json").read_text()).get("tokenizer_hash") for _, d in mlms}) > 1:
+        notes.append("perplexities of MLM models with different tokenizers are not comparable (different vocabularies)")
     return out
 
 

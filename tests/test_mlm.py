@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import socket
 from pathlib import Path
 
@@ -210,7 +211,7 @@ def build_reference_init(vocab: int) -> dict:
 
 
 # ---------------------------------------------------------------------------------- the Ray trainer
-def test_train_mlm_two_workers_loss_falls_and_exports(corpus, ray_local):
+def test_train_mlm_two_workers_loss_falls_and_exports(corpus, ray_local, tmp_path):
     from common.models import load_encoder, read_meta
     from ray_train.mlm import masked_perplexity, train_mlm
 
@@ -235,6 +236,22 @@ def test_train_mlm_two_workers_loss_falls_and_exports(corpus, ray_local):
     assert ppl < 0.9 * res["val_ppl_before"], (ppl, res)
     vec = load_encoder(str(d)).embed(["white hanging heart t-light holder"])
     assert vec.shape == (1, 64) and abs(float(np.linalg.norm(vec)) - 1) < 1e-4
+    # evaluate's perplexity reads the held-out texts through the model's own tokenizer: text_shards
+    # re-tokenized by another model (ids far outside this vocabulary) must not break or change it
+    from prodrep.evaluate import perplexities
+    from ray_train.data import load_tokenizer
+
+    other = str(tmp_path / "lake")
+    shutil.copytree(d, Path(lk.artefact_dir(other, "models", "t-2w")), dirs_exist_ok=True)
+    texts = [str(t) for t in val.column("text").to_pylist()]
+    lk.write_arrow(pa.table({"item_id": [str(i) for i in range(len(texts))], "text": texts, "split": ["test"] * len(texts),
+                             "input_ids": pa.array([[101, 10**6, 102]] * len(texts), pa.list_(pa.int32())),
+                             "n_tokens": pa.array([3] * len(texts), pa.int32()), "empty_text": [False] * len(texts),
+                             "shard": pa.array([0] * len(texts), pa.int32())}),
+                   other, "text_shards", mode="overwrite")  # fmt: skip
+    own = load_tokenizer(str(d))(texts, truncation=True, max_length=int(meta.get("max_length") or 128))["input_ids"]
+    notes: list[str] = []
+    assert perplexities(other, notes) == {meta["model_version"]: round(masked_perplexity(str(d), own, seed=0), 3)}
 
 
 def test_resume_continues_step_count_and_loss_curve(corpus, ray_local):
