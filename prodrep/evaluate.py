@@ -331,7 +331,7 @@ def perplexities(lake: str, notes: list[str]) -> dict[str, float]:
             notes.append(f"{p}: unreadable prodrep.json ({e}); skipped")
             continue
         if meta.get("kind") == "mlm":
-            mlms.append((meta.get("model_version") or p.parent.name, p.parent))
+            mlms.append((meta.get("model_version") or p.parent.name, p.parent, meta))
     if not mlms:
         return {}
     try:
@@ -350,14 +350,13 @@ def perplexities(lake: str, notes: list[str]) -> dict[str, float]:
     from ray_train.data import load_tokenizer
 
     out = {}
-    for version, d in mlms:
+    for version, d, meta in mlms:
         # each model reads the held-out texts through its own tokenizer: text_shards may have been
         # re-tokenized for another model since (e.g. MiniLM's vocabulary for a domain-adapted run)
-        meta = json.loads((d / "prodrep.json").read_text())
         ids = load_tokenizer(str(d))(texts, truncation=True, max_length=int(meta.get("max_length") or 128))["input_ids"]
         out[version] = round(float(masked_perplexity(str(d), ids, seed=0)), 3)
         log.info("perplexity %s: %.3f on %d held-out texts", version, out[version], len(ids))
-    if len({json.loads((d / "prodrep.json").read_text()).get("tokenizer_hash") for _, d in mlms}) > 1:
+    if len({meta.get("tokenizer_hash") for _, _, meta in mlms}) > 1:
         notes.append("perplexities of MLM models with different tokenizers are not comparable (different vocabularies)")
     return out
 
