@@ -116,6 +116,7 @@ def _worker(rank, world, port, q_all, d_all, ids_q, ids_d, out):
         loss = info_nce(q, d, 0.07, q_ids=ids_q[rank * b : (rank + 1) * b], d_ids=ids_d[rank * b : (rank + 1) * b])
         loss.backward()
         out[rank] = (float(loss), q.grad.clone(), d.grad.clone())
+        dist.barrier()  # leave together: tearing gloo down under a connected peer can abort
     finally:
         dist.destroy_process_group()
 

@@ -172,6 +172,9 @@ def _ddp_worker(rank: int, world: int, init_file: str, batches_path: str, out_pa
     if rank == 0:
         torch.save({"params": {k: v.clone() for k, v in mlm.state_dict().items()}, "loss": float(out["loss"])}, out_path)
     if world > 1:
+        # both ranks leave the group together: a rank that tears gloo down while its peer is still
+        # connected can abort in gloo's C++ threads ("terminate called without an active exception")
+        dist.barrier()
         dist.destroy_process_group()
 
 
