@@ -132,7 +132,7 @@ COOCCURRENCE = TableSchema(
         Column("item_a", pa.string(), False, "First item (both orders are stored: the matrix is symmetric)."),
         Column("item_b", pa.string(), False, "Second item, != item_a."),
         Column("count", pa.int64(), False, "Train sessions containing both items (after the session cap)."),
-        Column("weight", pa.float64(), False, "Length-discounted count: sum over sessions of 1/(n_items-1)."),
+        Column("weight", pa.float64(), False, "Length-discounted count: sum over sessions of r/(n_items-1), r the session's recency (1 without decay)."),
         Column("freq_a", pa.int64(), False, "Train sessions containing item_a."),
         Column("freq_b", pa.int64(), False, "Train sessions containing item_b."),
         Column("cosine", pa.float64(), False, "count / sqrt(freq_a * freq_b)."),

@@ -8,6 +8,7 @@ import hashlib
 import math
 import random
 from collections import Counter, defaultdict
+from datetime import datetime, timedelta, timezone
 from itertools import permutations
 
 import pytest
@@ -33,11 +34,21 @@ def make_sessions(n: int = 22, seed: int = 7) -> list[tuple[str, list[str], str]
     return out
 
 
-def reference(sessions, cap: int, min_count: int):
-    """The co-occurrence table computed with Counter, straight from the documented definitions."""
-    kept = []
+T0 = datetime(2011, 1, 1, tzinfo=timezone.utc)
+
+
+def start_ts(i: int) -> datetime:
+    """Session ``i`` of the fixture starts ``i`` days and ``i`` hours after T0."""
+    return T0 + timedelta(days=i, hours=i)
+
+
+def reference(sessions, cap: int, min_count: int, half_life_days: float = C.CooccurrenceConfig.half_life_days):
+    """The co-occurrence table computed with Counter, straight from the documented definitions (the
+    job's default recency half-life unless told)."""
+    kept, recency = [], []
     removed = 0
-    for sid, items, split in sessions:
+    newest = max(start_ts(i) for i, (_, _, split) in enumerate(sessions) if split == "train")
+    for i, (sid, items, split) in enumerate(sessions):
         if split != "train":
             continue
         items = list(dict.fromkeys(items))
@@ -47,14 +58,16 @@ def reference(sessions, cap: int, min_count: int):
         m = len(items)
         removed += n * (n - 1) - m * (m - 1)
         kept.append(items)
+        age_days = (newest - start_ts(i)).total_seconds() / 86400
+        recency.append(0.5 ** (age_days / half_life_days) if half_life_days else 1.0)
     n_sessions = len(kept)
     freq = Counter(i for items in kept for i in items)
     count: Counter = Counter()
     weight: dict = defaultdict(float)
-    for items in kept:
+    for items, r in zip(kept, recency):
         for a, b in permutations(items, 2):
             count[a, b] += 1
-            weight[a, b] += 1.0 / (len(items) - 1)
+            weight[a, b] += r / (len(items) - 1)
     rows = {}
     for (a, b), c in count.items():
         if c < min_count:
@@ -73,7 +86,8 @@ def reference(sessions, cap: int, min_count: int):
 
 def to_df(spark, sessions):
     return spark.createDataFrame(
-        [(sid, items, split) for sid, items, split in sessions], "session_id string, item_ids array<string>, split string"
+        [(sid, items, split, start_ts(i)) for i, (sid, items, split) in enumerate(sessions)],
+        "session_id string, item_ids array<string>, split string, start_ts timestamp",
     )
 
 
@@ -178,3 +192,21 @@ def test_sum_by_key_matches_counter(high):
     assert {k: c for k, c in zip(keys.tolist(), counts.tolist())} == dict(ref_c)
     for k, w in zip(keys.tolist(), weights.tolist()):
         assert w == pytest.approx(ref_w[k], rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    "path, half_life",
+    [(dict(), 3.0), (dict(pair_budget=7), 3.0), (dict(broadcast_items_max=1), 3.0), (dict(), 1e-4)],
+    ids=["vectorised", "many-flushes", "row-by-row", "underflow"],  # 1e-4 days: every old basket's r is 0.0 in float64
+)
+def test_recency_decay_weights_each_basket_by_its_age(spark, path, half_life):
+    """weight = sum of 0.5 ** (age / half-life) / (m - 1), age in days from the newest train session;
+    count and the scores built from it do not decay."""
+    data = make_sessions()
+    want, _, _ = reference(data, cap=5, min_count=1, half_life_days=half_life)
+    got, stats = compute(spark, data, max_session_items=5, min_count=1, half_life_days=half_life, **path)
+    assert_same(got, want)
+    plain, _, _ = reference(data, cap=5, min_count=1, half_life_days=0.0)
+    assert max(abs(want[k]["weight"] - plain[k]["weight"]) for k in want) > 0.1  # the decay changes weight
+    newest = max(start_ts(i) for i, (_, _, split) in enumerate(data) if split == "train")
+    assert stats["newest_session_epoch_s"] == newest.timestamp()
