@@ -576,6 +576,7 @@ def run(spark: "SparkSession", cfg: CooccurrenceConfig) -> dict[str, Any]:
     # Partitioned by bucket already (one file per bucket); persisted so the row count and the write
     # share one computation.
     out = out.persist(StorageLevel.MEMORY_AND_DISK)
+    recency = {"half_life_days": cfg.half_life_days, "recency_reference": _iso(stats.pop("newest_session_epoch_s"))}
     try:
         pairs_written = out.count()
         meta = L.job_metadata(
@@ -591,7 +592,7 @@ def run(spark: "SparkSession", cfg: CooccurrenceConfig) -> dict[str, Any]:
             n_train_items=stats["train_items"],
             min_count=cfg.min_count,
             half_life_days=cfg.half_life_days or None,
-            recency_reference=_iso(stats["newest_session_epoch_s"]) if cfg.half_life_days else None,
+            recency_reference=recency["recency_reference"] if cfg.half_life_days else None,
             weight_rule="sum over train sessions of r / (m - 1), r = 0.5 ** (days before recency_reference / half_life_days)"
             if cfg.half_life_days else "sum over train sessions of 1 / (m - 1)",
             top_k=cfg.top_k or None,
@@ -603,7 +604,6 @@ def run(spark: "SparkSession", cfg: CooccurrenceConfig) -> dict[str, Any]:
     finally:
         out.unpersist()
         capped.unpersist()
-    recency = {"half_life_days": cfg.half_life_days, "recency_reference": _iso(stats.pop("newest_session_epoch_s"))}
     return {"table": "cooccurrence", "version": version, "pairs_written": pairs_written, **stats, **recency}
 
 
