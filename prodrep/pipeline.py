@@ -11,7 +11,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from common.command import Command
 from common.config import ConfigError, build_config, option
@@ -84,17 +84,24 @@ def run(cfg: PipelineConfig) -> int:
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     spark = get_spark("prodrep-pipeline") if any(s in wanted for s in ("ingest", "sessions", "cooccur", "tokenize", "embed", "neighbors")) else None
-    if "ingest" in wanted:
-        from spark_jobs import ingest
+    prefetch = Prefetch(lake, cfg)
+    start_after = prefetch_start(wanted)
+    try:
+        if start_after == -1:
+            prefetch.start()
+        for i, stage in enumerate(wanted):
+            runner = STAGE_RUNNERS[stage]
 
-        summary = _timed("ingest", lambda: ingest.run(spark, ingest_cfg), timings)
-        print(ingest.format_summary(summary))
-    for stage in wanted[1:] if wanted and wanted[0] == "ingest" else wanted:
-        runner = STAGE_RUNNERS.get(stage)
-        if runner is None:
-            log.warning("stage %s is not available in this build; skipping", stage)
-            continue
-        _timed(stage, lambda: runner(spark, lake, cfg), timings)
+            def run_stage() -> None:
+                if stage == "evaluate":  # its time includes waiting for the background fits it reads
+                    prefetch.wait()
+                runner(spark, lake, cfg)
+
+            _timed(stage, run_stage, timings)
+            if i == start_after:
+                prefetch.start()
+    finally:
+        prefetch.stop()
     total = time.perf_counter() - t0
     _banner("stage times")
     print(format_timings(timings, total))
@@ -103,6 +110,66 @@ def run(cfg: PipelineConfig) -> int:
 
 
 COMMAND = Command(PipelineConfig, lambda cfg, _args: run(cfg))
+
+
+INPUT_STAGES = ("ingest", "sessions")  # the stages writing what evaluate's gensim fits read
+
+
+def prefetch_start(wanted: Sequence[str]) -> int | None:
+    """Index of the stage in ``wanted`` after which :class:`Prefetch` starts (-1: before the first),
+    or None: no ``evaluate``, or no stage left to overlap with between the inputs and it."""
+    if "evaluate" not in wanted:
+        return None
+    ready = max((i for i, s in enumerate(wanted) if s in INPUT_STAGES), default=-1)
+    return ready if wanted.index("evaluate") > ready + 1 else None
+
+
+class Prefetch:
+    """The evaluation's gensim fits, run in a background process while the later stages train.
+
+    They read only ``sessions`` and ``catalog`` and are the slowest part of ``evaluate`` (item2vec
+    defaults, tuning grid, tuned fit), so the pipeline starts :func:`prodrep.evaluate.prefetch_main`
+    as soon as the stages writing those tables are done (:func:`prefetch_start`); it runs at the lowest
+    CPU priority, so it fills the cores that Spark and Ray start-up, I/O and driver work leave idle,
+    and caches its fits; ``evaluate`` waits for it, then reads them from the cache. Nothing starts
+    when the fit cache is off."""
+
+    def __init__(self, lake: str, cfg: PipelineConfig) -> None:
+        self.lake, self.cfg = lake, cfg
+        self.proc: Any = None
+        self.t0 = 0.0
+
+    def start(self) -> None:
+        eval_cfg = _evaluate_config(self.lake, self.cfg)
+        if not eval_cfg.cache:
+            return
+        import multiprocessing
+
+        from prodrep.evaluate import prefetch_main
+
+        # spawn, not fork: the parent holds a JVM gateway and Ray threads that must not be copied
+        self.proc = multiprocessing.get_context("spawn").Process(target=prefetch_main, args=(eval_cfg,), name="evaluate-prefetch",
+                                                                 daemon=True)  # fmt: skip
+        self.proc.start()
+        self.t0 = time.perf_counter()
+        print(f"(evaluate's item2vec fits started in the background, pid {self.proc.pid}; evaluate reads them from its cache)",
+              flush=True)  # fmt: skip
+
+    def wait(self) -> None:
+        """Block until the background fits are done (``evaluate`` refits whatever they did not finish)."""
+        if self.proc is None:
+            return
+        self.proc.join()
+        print(f"(background item2vec fits: exit code {self.proc.exitcode}, {time.perf_counter() - self.t0:.0f}s after start)",
+              flush=True)  # fmt: skip
+        self.proc = None
+
+    def stop(self) -> None:
+        """Terminate a still-running prefetch (the pipeline failed or ended before ``evaluate``)."""
+        if self.proc is not None and self.proc.is_alive():
+            self.proc.terminate()
+            self.proc.join(timeout=10)
+        self.proc = None
 
 
 # ------------------------------------------------------------------------------------- stage runners
@@ -114,6 +181,12 @@ _STATE: dict[str, Any] = {"models": {}}
 # (0.180), which also has ID parts; `prodrep train-items --kind id` still trains it (README "Models").
 ITEM_KINDS = ("softmax",)
 DEMO_ITEMS = ("WHITE HANGING HEART T-LIGHT HOLDER", "REGENCY CAKESTAND 3 TIER", "JUMBO BAG RED RETROSPOT")
+
+
+def _ingest(spark, lake: str, cfg: PipelineConfig) -> None:
+    from spark_jobs import ingest
+
+    print(ingest.format_summary(ingest.run(spark, cfg.ingest())))
 
 
 def _sessions(spark, lake: str, cfg: PipelineConfig) -> None:
@@ -238,11 +311,18 @@ def _neighbors(spark, lake: str, cfg: PipelineConfig) -> None:
 def _evaluate(spark, lake: str, cfg: PipelineConfig) -> None:
     from prodrep import evaluate as evaluation
 
-    cfg = build_config(evaluation.EvaluateConfig, None, lake=lake, report_dir=cfg.report)
-    evaluation.run(cfg)
+    evaluation.run(_evaluate_config(lake, cfg))
+
+
+def _evaluate_config(lake: str, cfg: PipelineConfig) -> Any:
+    """The evaluate stage's config (the background prefetch must fit exactly what it will ask for)."""
+    from prodrep import evaluate as evaluation
+
+    return build_config(evaluation.EvaluateConfig, None, lake=lake, report_dir=cfg.report)
 
 
 STAGE_RUNNERS: dict[str, Callable[[Any, str, PipelineConfig], None]] = {
+    "ingest": _ingest,
     "sessions": _sessions,
     "cooccur": _cooccur,
     "tokenize": _tokenize,

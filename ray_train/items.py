@@ -138,6 +138,10 @@ class ItemsConfig(JobConfig):
                                      "(Online Retail: all of them, i.e. full batch; val: 200 at lr 0.02 = 400 at 0.01)")  # fmt: skip
     softmax_logits: int = option(1 << 23, "softmax: logits per step on each worker (rows x train items): bounds memory; "
                                           "rows per step = this // items")  # fmt: skip
+    softmax_precision: Literal["auto", "fp32", "bf16"] = option(
+        "auto", "softmax: inputs of the step's (rows x items) logit product; auto = bf16 where the hardware multiplies it natively "
+        "(CUDA, AVX512-BF16 / AMX CPUs; fp32 accumulation, the loss in fp32), else fp32. Online Retail val: the same Recall@20 "
+        "(0.2120 vs 0.2118 fp32) at about half the step time on an AVX512-BF16 CPU")  # fmt: skip
     softmax_text_init: float = option(2.0, "softmax: start both projections at sqrt(this) x the top principal directions of the "
                                            "text features (scores start as this x text similarity); 0 = random")  # fmt: skip
     beta_warm: float = option(0.0, "softmax serving: popularity penalty beta * log1p(freq) for queries with history "

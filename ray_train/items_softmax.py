@@ -50,9 +50,11 @@ class CatalogSoftmax(nn.Module):
     ``text`` is a plain attribute, not a buffer: DDP neither broadcasts nor syncs it (every worker
     computed the same matrix)."""
 
-    def __init__(self, text: torch.Tensor, dim: int, log_mass: torch.Tensor, seed: int, text_scale: float = 0.0):
+    def __init__(self, text: torch.Tensor, dim: int, log_mass: torch.Tensor, seed: int, text_scale: float = 0.0,
+                 logits_dtype: torch.dtype = torch.float32):  # fmt: skip
         super().__init__()
         n, d_text = text.shape
+        self.logits_dtype = logits_dtype  # of the (R, n) product's inputs; it accumulates and returns fp32
         g = torch.Generator().manual_seed(seed)
         self.text = text  # (n, D)
         a = torch.randn(d_text, dim, generator=g) / math.sqrt(d_text)
@@ -76,12 +78,32 @@ class CatalogSoftmax(nn.Module):
         q = t[rows] @ self.query_proj + self.query_id[rows] * keep_q[:, None]  # (R, d)
         c = t @ self.cand_proj + self.cand_id * keep_c[:, None]  # (n, d)
         bias = t @ self.text_bias + self.bias * keep_c  # (n,)
-        logits = q @ c.T + bias  # (R, n)
+        if self.logits_dtype == torch.float32:
+            logits = q @ c.T + bias  # (R, n)
+        else:  # the step's one big product: bf16 inputs (fp32 accumulation), everything after it in fp32
+            logits = (q.to(self.logits_dtype) @ c.to(self.logits_dtype).T).float() + bias  # (R, n)
         lse = torch.logsumexp(logits, dim=1)  # (R,)
         mass = torch.sparse.sum(target, dim=1).to_dense()  # (R,)
-        # sum_j C_ij s_ij without densifying C: (C c) . q + C bias
-        hit = (torch.sparse.mm(target, c) * q).sum(1) + torch.sparse.mm(target, bias[:, None]).squeeze(1)  # (R,)
-        return (mass * lse).sum() - hit.sum(), mass.sum().detach()
+        # sum_ij C_ij s_ij without densifying C: the logits at C's non-zeros (a gather, whose backward is a
+        # scatter into the logits' gradient; a sparse C @ c product would cost nnz x d twice per step)
+        target = target.coalesce()
+        at, values = target.indices(), target.values()  # (2, nnz), (nnz,)
+        hit = (logits[at[0], at[1]] * values).sum()
+        return (mass * lse).sum() - hit, mass.sum().detach()
+
+
+def logits_dtype(precision: str, device: Any) -> torch.dtype:
+    """The dtype of the logit product's inputs: ``precision`` 'fp32' / 'bf16', or 'auto' = bf16 where the
+    hardware multiplies it natively (CUDA with bf16, CPUs with AVX512-BF16 or AMX), else fp32. The
+    check is a CPU-feature flag, not a timing, so every worker of a run decides the same."""
+    if precision == "fp32":
+        return torch.float32
+    if precision == "bf16":
+        return torch.bfloat16
+    if torch.device(device).type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    native = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    return torch.bfloat16 if native else torch.float32
 
 
 def text_projection(text: torch.Tensor, dim: int, gen: torch.Generator) -> torch.Tensor:
@@ -172,11 +194,13 @@ class SoftmaxStage:
         text = torch.from_numpy(text_vectors(pooled.cpu().numpy(), lexical, texts, cfg.dense_weight)).to(device)
         t1 = time.perf_counter()
         rows, mat = local_rows(rank, world, len(items))
-        raw = CatalogSoftmax(text, cfg.dim, _global_mass(mat, device), job.seed, float(job.softmax_text_init)).to(device)
+        raw = CatalogSoftmax(text, cfg.dim, _global_mass(mat, device), job.seed, float(job.softmax_text_init),
+                             logits_dtype(job.softmax_precision, device)).to(device)  # fmt: skip
         model = ray.train.torch.prepare_model(raw)
         opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
         per_step = max(1, int(job.softmax_logits) // max(1, len(items)))
-        stats = {"text_features_s": t1 - t0, "rows_s": time.perf_counter() - t1, "text_dim": int(text.shape[1])}
+        stats = {"text_features_s": t1 - t0, "rows_s": time.perf_counter() - t1, "text_dim": int(text.shape[1]),
+                 "logits_dtype": str(raw.logits_dtype).removeprefix("torch.")}  # fmt: skip
         return cls(raw, model, opt, encoder, tok, lexical, mat, rows, per_step, device, world, stats)
 
     def steps_per_epoch(self) -> int:

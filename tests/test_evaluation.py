@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -293,7 +294,7 @@ def test_item2vec_halving_fits_the_leader_only_at_more_epochs():
     assert [r["epochs"] for r in half_rows] == [1, 1, 2]
     lead = max(half_rows[:2], key=lambda r: r["val_recall@5"])  # ties: the first row
     assert half_rows[2]["ns_exponent"] == lead["ns_exponent"]
-    assert {**half.__dict__} in [{k: r[k] for k in ("epochs", "ns_exponent", "sample", "window")} for r in half_rows]
+    assert {**half.__dict__} in [{k: r[k] for k in ("epochs", "ns_exponent", "sample", "window", "max_items")} for r in half_rows]
     one_ns = B.item2vec_grid((1, 2), (0.75,), (1e-3,))
     assert B.tune_item2vec(ctx, one_ns, k=5, search="halving", **kw)[0] == B.tune_item2vec(ctx, one_ns, k=5, search="grid", **kw)[0]
     assert full in grid
@@ -315,3 +316,41 @@ def test_item2vec_window_limits_the_context():
     near = B.fit_item2vec(train, B.Item2VecParams(epochs=1, window=1), **kw)
     assert whole[0] == near[0] and not np.allclose(whole[1], near[1])
     assert "window" not in B.Item2VecParams().label() and B.Item2VecParams(window=20).label().endswith("window=20")
+
+
+def test_item2vec_chunks_split_long_sessions_only():
+    """max_items=N splits a sentence of n > N items into ceil(n / N) near-equal consecutive chunks (every
+    item kept once, in order); shorter sentences and max_items=0 are left whole; the label names it."""
+    sents = [list("abcdefghij"), list("xyz"), list("0123456")]
+    assert B.chunked(sents, 0) == sents
+    assert B.chunked(sents, 4) == [list("abc"), list("def"), list("ghij"), list("xyz"), list("012"), list("3456")]
+    assert B.chunked(sents, 10) == sents
+    assert B.Item2VecParams(max_items=100).label().endswith("max_items=100") and "max_items" not in B.Item2VecParams().label()
+
+
+def test_prefetched_item2vec_fits_are_what_evaluate_reads(lake, tmp_path):
+    """The pipeline's background prefetch fits exactly what ``evaluate`` asks for: after it, a run
+    with the same config fits nothing (every item2vec fit a cache hit)."""
+    pytest.importorskip("gensim")
+    from prodrep.evaluate import prefetch_fits
+
+    _write_lake(lake, with_model=False)
+    cfg = _cfg(lake, tmp_path, methods=("popularity", "item2vec_default", "item2vec_tuned"), item2vec_epochs=(1, 2),
+               item2vec_ns_exponents=(-0.5, 0.75), item2vec_workers=1, item2vec_min_count=1)  # fmt: skip
+    assert prefetch_fits(cfg) == ["item2vec_default", "item2vec_tuned"]
+    fitted = len(list((Path(lake) / "reports" / "_cache").glob("*.npz")))
+    assert fitted == 1 + 3 + 1  # defaults, halving's 2 + 1 grid points, the tuned fit on all of train
+    run(cfg)
+    stats = json.loads((tmp_path / "report" / "metrics.json").read_text())["details"]["cache"]
+    assert stats["misses"] == 0 and stats["hits"] == fitted
+    assert prefetch_fits(dataclasses.replace(cfg, cache=False)) == [] and prefetch_fits(dataclasses.replace(cfg, methods=("popularity",))) == []
+
+
+def test_pipeline_starts_the_prefetch_once_its_inputs_exist():
+    from prodrep.pipeline import STAGES, prefetch_start
+
+    assert prefetch_start(list(STAGES)) == 1  # after sessions
+    assert prefetch_start(["cooccur", "train-items", "evaluate"]) == -1  # inputs already in the lake
+    assert prefetch_start(["ingest", "cooccur", "evaluate"]) == 0
+    assert prefetch_start(["ingest", "sessions", "evaluate"]) is None  # nothing to overlap with
+    assert prefetch_start(["ingest", "sessions", "cooccur"]) is None and prefetch_start(["evaluate"]) is None

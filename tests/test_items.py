@@ -219,8 +219,10 @@ def test_softmax_ddp_matches_single_process_and_ranks_by_dot(toy_lake, tiny_bert
     from common.text import render
     from ray_train.items import neighbours_by_title, train_items
 
-    one = train_items(_softmax_cfg(toy_lake, tiny_bert, 1))
-    res = train_items(_softmax_cfg(toy_lake, tiny_bert, 2))
+    # fp32: with bf16 logits each worker's partial gradient sums are rounded before DDP adds them, so
+    # the two runs would agree only to bf16 precision (test_softmax_bf16_logits_track_fp32 covers that)
+    one = train_items(_softmax_cfg(toy_lake, tiny_bert, 1, softmax_precision="fp32"))
+    res = train_items(_softmax_cfg(toy_lake, tiny_bert, 2, softmax_precision="fp32"))
     h1, h2 = SoftmaxHead.load(one["model_dir"]), SoftmaxHead.load(res["model_dir"])
     for name in ("query_proj", "cand_proj", "text_bias", "query_id", "cand_id", "bias"):
         np.testing.assert_allclose(getattr(h2, name), getattr(h1, name), atol=5e-4, err_msg=name)
@@ -243,3 +245,29 @@ def test_softmax_ddp_matches_single_process_and_ranks_by_dot(toy_lake, tiny_bert
     assert not np.allclose(s[warm][:, warm], s[warm][:, warm].T, atol=1e-3)  # asymmetric: no cosine could give this
     top = neighbours_by_title(res["model_dir"], toy_lake, ["red apple fruit cold"], k=5)["red apple fruit cold"]
     assert len(top) == 5 and all(item.startswith("A") for item, _, _ in top)
+
+
+def test_softmax_bf16_logits_track_fp32():
+    """The bf16 logit product (fp32 accumulation, loss in fp32) gives the fp32 loss and gradients to
+    bf16 precision, on a catalog-sized random problem; 'auto' is fp32 or bf16, never anything else."""
+    import scipy.sparse as sp
+    import torch
+
+    from ray_train.items_softmax import CatalogSoftmax, logits_dtype
+
+    rng = np.random.default_rng(0)
+    n, rows = 300, np.arange(0, 300, 3)
+    text = torch.from_numpy(rng.standard_normal((n, 24)).astype(np.float32))
+    m = sp.random(len(rows), n, density=0.05, random_state=0, format="coo")
+    target = torch.sparse_coo_tensor(np.vstack([m.row, m.col]), m.data.astype(np.float32), m.shape).coalesce()
+    out = {}
+    for dt in (torch.float32, torch.bfloat16):
+        model = CatalogSoftmax(text, 16, torch.zeros(n), seed=0, text_scale=2.0, logits_dtype=dt)
+        summed, mass = model(torch.from_numpy(rows), torch.ones(len(rows)), torch.ones(n), target)
+        (summed / mass).backward()
+        out[dt] = (float(summed / mass), model.query_proj.grad.clone())
+    (l32, g32), (l16, g16) = out[torch.float32], out[torch.bfloat16]
+    assert l16 != l32 and abs(l16 - l32) < 1e-2 * abs(l32)  # the bf16 path ran, and it tracks fp32
+    assert torch.linalg.norm(g16 - g32) < 0.05 * torch.linalg.norm(g32)
+    assert logits_dtype("fp32", "cpu") == torch.float32 and logits_dtype("bf16", "cpu") == torch.bfloat16
+    assert logits_dtype("auto", "cpu") in (torch.float32, torch.bfloat16)

@@ -186,10 +186,15 @@ class Item2VecParams:
     # finite window pairs each item with items up to that far away in the shuffled basket, so a large
     # basket gives each of its items about `window` contexts instead of all of them.
     window: int = 0
+    # 0 = a session is one sentence. N > 0: a session of n > N items is split, after the shuffle, into
+    # ceil(n / N) near-equal chunks, each a sentence of its own. A basket's pairs (and a fit's cost)
+    # grow with the square of its size, and the largest baskets (wholesale orders) say least per pair.
+    max_items: int = 0
 
     def label(self) -> str:
         win = f" window={self.window}" if self.window else ""
-        return f"epochs={self.epochs} ns_exponent={self.ns_exponent:g} sample={self.sample:g}{win}"
+        chunks = f" max_items={self.max_items}" if self.max_items else ""
+        return f"epochs={self.epochs} ns_exponent={self.ns_exponent:g} sample={self.sample:g}{win}{chunks}"
 
 
 def shuffled_sentences(sessions: Sequence[Sequence[str]], seed: int) -> list[list[str]]:
@@ -203,6 +208,18 @@ def shuffled_sentences(sessions: Sequence[Sequence[str]], seed: int) -> list[lis
     return out
 
 
+def chunked(sentences: Sequence[list[str]], max_items: int) -> list[list[str]]:
+    """``sentences`` with each one longer than ``max_items`` split into ``ceil(n / max_items)``
+    near-equal consecutive chunks (``max_items`` 0: unchanged)."""
+    if max_items <= 0:
+        return list(sentences)
+    out = []
+    for s in sentences:
+        k = -(-len(s) // max_items)
+        out.extend(s[i * len(s) // k : (i + 1) * len(s) // k] for i in range(k)) if k > 1 else out.append(s)
+    return out
+
+
 def fit_item2vec(
     sessions: Sequence[Sequence[str]],
     params: Item2VecParams,
@@ -211,15 +228,16 @@ def fit_item2vec(
     min_count: int = 5,
     vector_size: int = 100,
 ) -> tuple[list[str], np.ndarray]:
-    """Skip-gram with negative sampling over shuffled sessions; window ``params.window`` (0: the
-    longest session, so the whole basket is each item's context).
+    """Skip-gram with negative sampling over shuffled sessions (split into chunks of at most
+    ``params.max_items`` items when it is set); window ``params.window`` (0: the longest sentence, so
+    the whole basket, or chunk, is each item's context).
 
     Returns (vocabulary item ids, vectors). With ``workers > 1`` gensim's thread scheduling makes the
     vectors vary slightly between runs; ``workers=1`` is bit-reproducible.
     """
     from gensim.models import Word2Vec
 
-    sentences = shuffled_sentences(sessions, seed)
+    sentences = chunked(shuffled_sentences(sessions, seed), params.max_items)
     window = params.window or max((len(s) for s in sentences), default=1)
     model = Word2Vec(
         sentences=sentences,
@@ -261,9 +279,9 @@ def item2vec_method(name: str, ctx: EvalContext, params: Item2VecParams, cache: 
 
 
 def item2vec_grid(epochs: Sequence[int], ns_exponents: Sequence[float], samples: Sequence[float],
-                  windows: Sequence[int] = (0,)) -> list[Item2VecParams]:  # fmt: skip
+                  windows: Sequence[int] = (0,), max_items: Sequence[int] = (0,)) -> list[Item2VecParams]:  # fmt: skip
     """Every combination of the grids."""
-    return [Item2VecParams(e, n, s, w) for e, n, s, w in itertools.product(epochs, ns_exponents, samples, windows)]
+    return [Item2VecParams(e, n, s, w, m) for e, n, s, w, m in itertools.product(epochs, ns_exponents, samples, windows, max_items)]
 
 
 def tune_item2vec(
@@ -278,7 +296,7 @@ def tune_item2vec(
     """Pick the grid point with the best Recall@k on ``val_ctx`` (built from the tuning-train sessions
     and the val sessions; never the test split).
 
-    ``search="grid"`` fits every point. ``search="halving"`` fits every (ns_exponent, sample, window) at
+    ``search="grid"`` fits every point. ``search="halving"`` fits every (ns_exponent, sample, window, max_items) at
     the fewest epochs only, then each larger epoch count for the best pair so far alone: a fit costs
     about its epochs, so this skips the costliest fits of settings that already lost (successive
     halving over epochs, as in Hyperband). The rows list only the fitted points."""
