@@ -222,7 +222,15 @@ def build_method(name: str, ctx: EvalContext, cfg: EvaluateConfig, state: dict[s
             state["cooc_counts"] = B.cooccurrence_counts(ctx)
         return B.Cooccurrence(ctx, name.split("_")[1], counts=state["cooc_counts"])
     if name == "rp3beta":
-        chosen = tune_itemitem(name, ctx, cfg, state, II.rp3beta_grid(cfg.rp3_alphas, cfg.rp3_betas), II.RP3beta)
+        walks: dict[tuple[int, float], Any] = {}  # (context, alpha) -> walk: the grid's betas share it
+
+        def build_rp3(c: EvalContext, alpha: float, beta: float) -> II.RP3beta:
+            key = (id(c), alpha)
+            if key not in walks:
+                walks[key] = II.rp3_walk(c.train_matrix(), alpha)
+            return II.RP3beta(c, alpha, beta, walk=walks[key])
+
+        chosen = tune_itemitem(name, ctx, cfg, state, II.rp3beta_grid(cfg.rp3_alphas, cfg.rp3_betas), build_rp3)
         return II.RP3beta(ctx, **chosen)
     if name == "ease":
         def build(c: EvalContext, lam: float) -> II.EASE:

@@ -237,18 +237,8 @@ def _train_items(spark, lake: str, cfg: PipelineConfig) -> None:
         res = items.run(cfg)
         print(items.format_result(res))
         _STATE["models"][kind] = res["model_dir"]
-        try:
-            titles = list(DEMO_ITEMS)
-            cold = _cold_example(res["model_dir"], lake) if kind != "id" else None
-            if cold:
-                titles.append(cold)
-            shown = items.neighbours_by_title(res["model_dir"], lake, titles, k=5)
-            for title, rows in shown.items():
-                print(f"  {title}{'  (cold: no history, text alone)' if title == cold else ''}:")
-                for _, n_title, score in rows:
-                    print(f"      {score:6.3f}  {n_title}")
-        except Exception as e:  # titles absent from a user's own dataset
-            print(f"(neighbour preview skipped: {e})")
+        # its neighbours are shown by the neighbors stage, from the table (embedding the catalog here
+        # for a preview would repeat the embed stage's work on the driver)
 
 
 def _cold_example(model_dir: str, lake: str) -> str | None:
@@ -296,12 +286,15 @@ def _neighbors(spark, lake: str, cfg: PipelineConfig) -> None:
     from common import lake as L
 
     catalog = L.read_pandas(lake, "catalog", columns=["item_id", "title"])
-    for title in DEMO_ITEMS[:2]:
+    main_model = next((d for d in _model_dirs(lake) if Path(d).name == f"items-{ITEM_KINDS[-1]}"), None)
+    cold = _cold_example(main_model, lake) if main_model else None
+    for title in (*DEMO_ITEMS, *([cold] if cold else [])):
         match = catalog[catalog.title == title]
         if match.empty:
             continue
         rows, query_title, version = lookup.similar(lake, match.item_id.iloc[0], k=5)
-        print(f"\nprodrep similar {match.item_id.iloc[0]}  ({query_title}; model {version})")
+        note = "; cold: no train history, neighbours from its text alone" if title == cold else ""
+        print(f"\nprodrep similar {match.item_id.iloc[0]}  ({query_title}; model {version}{note})")
         print(lookup.format_rows(rows))
     rows, version = lookup.search(lake, "christmas lights", k=5)
     print(f'\nprodrep search "christmas lights"  (model {version})')

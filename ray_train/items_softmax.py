@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from ray_train.collectives import all_reduce
+from ray_train.precision import compute_dtype
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ class CatalogSoftmax(nn.Module):
                  logits_dtype: torch.dtype = torch.float32):  # fmt: skip
         super().__init__()
         n, d_text = text.shape
-        self.logits_dtype = logits_dtype  # of the (R, n) product's inputs; it accumulates and returns fp32
+        self.logits_dtype = logits_dtype  # of the (R, n) product: bf16 rounds its inputs and output (fp32 accumulation)
         g = torch.Generator().manual_seed(seed)
         self.text = text  # (n, D)
         a = torch.randn(d_text, dim, generator=g) / math.sqrt(d_text)
@@ -90,20 +91,6 @@ class CatalogSoftmax(nn.Module):
         at, values = target.indices(), target.values()  # (2, nnz), (nnz,)
         hit = (logits[at[0], at[1]] * values).sum()
         return (mass * lse).sum() - hit, mass.sum().detach()
-
-
-def logits_dtype(precision: str, device: Any) -> torch.dtype:
-    """The dtype of the logit product's inputs: ``precision`` 'fp32' / 'bf16', or 'auto' = bf16 where the
-    hardware multiplies it natively (CUDA with bf16, CPUs with AVX512-BF16 or AMX), else fp32. The
-    check is a CPU-feature flag, not a timing, so every worker of a run decides the same."""
-    if precision == "fp32":
-        return torch.float32
-    if precision == "bf16":
-        return torch.bfloat16
-    if torch.device(device).type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    native = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
-    return torch.bfloat16 if native else torch.float32
 
 
 def text_projection(text: torch.Tensor, dim: int, gen: torch.Generator) -> torch.Tensor:
@@ -195,7 +182,7 @@ class SoftmaxStage:
         t1 = time.perf_counter()
         rows, mat = local_rows(rank, world, len(items))
         raw = CatalogSoftmax(text, cfg.dim, _global_mass(mat, device), job.seed, float(job.softmax_text_init),
-                             logits_dtype(job.softmax_precision, device)).to(device)  # fmt: skip
+                             compute_dtype(job.softmax_precision, device)).to(device)  # fmt: skip
         model = ray.train.torch.prepare_model(raw)
         opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
         per_step = max(1, int(job.softmax_logits) // max(1, len(items)))

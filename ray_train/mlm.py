@@ -81,6 +81,9 @@ class MLMConfig(JobConfig):
     packing: bool = option(False, "pack several items per sequence (no padding at all) instead of bucketing")
     pack_length: int = option(128, "tokens per packed sequence (--packing)")
     compile: bool = option(False, "torch.compile the encoder (GPU)")
+    precision: Literal["auto", "fp32", "bf16"] = option(
+        "auto", "autocast of the training step: auto = bf16 where the hardware multiplies it natively (CUDA; AVX512-BF16 / AMX "
+        "CPUs: ~1.6x faster steps on the small preset), else fp32")  # fmt: skip
     seed: int = option(0, "seed of initialisation, masking and data order")
     log_interval: int = option(10, "steps between training log lines")
     stop_at_step: int = option(0, "stop (checkpointed, no export) at this step, as if interrupted; 0 = off")
@@ -175,12 +178,16 @@ def check_init_tokenizer(init: str, shards_tokenizer_dir: str, tokenizer_hash: s
 
 
 # ---------------------------------------------------------------------------------------- one step
-def autocast_ctx(device: Any) -> Any:
-    """bf16 autocast on CUDA; nothing on CPU (bf16 matmuls are slow on most CPUs)."""
+def autocast_ctx(device: Any, dtype: Any = None) -> Any:
+    """bf16 autocast when ``dtype`` is bf16 (:func:`ray_train.precision.compute_dtype`); unset: on CUDA
+    only (bf16 matmuls are emulated, so slow, on CPUs without AVX512-BF16 / AMX)."""
     import torch
 
-    if getattr(device, "type", str(device)) == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+    kind = getattr(device, "type", str(device))
+    if dtype is None:
+        dtype = torch.bfloat16 if kind == "cuda" else torch.float32
+    if dtype == torch.bfloat16:
+        return torch.autocast(kind, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -191,6 +198,7 @@ def train_step(
     micro_batches: Sequence[dict[str, Any]],
     device: Any,
     max_grad_norm: float,
+    amp_dtype: Any = None,
 ) -> dict[str, Any]:
     """One optimizer step over ``micro_batches`` (gradient accumulation), data-parallel when
     torch.distributed is initialised and ``loss_module`` is DDP-wrapped.
@@ -214,7 +222,7 @@ def train_step(
     for i, b in enumerate(batches):
         sync = contextlib.nullcontext() if i == len(batches) - 1 or not hasattr(loss_module, "no_sync") else loss_module.no_sync()
         with sync:
-            with autocast_ctx(device):
+            with autocast_ctx(device, amp_dtype):
                 nll = loss_module(**b)
             (nll * (world / denom)).backward()
         nll_total += nll.detach()
@@ -228,7 +236,7 @@ def train_step(
     return {"loss": nll_global / global_counts[0].clamp(min=1.0), "masked": global_counts[0], "tokens": global_counts[1], "grad_norm": grad_norm}
 
 
-def evaluate_nll(mlm: Any, batches: Sequence[dict[str, Any]], device: Any) -> tuple[float, float]:
+def evaluate_nll(mlm: Any, batches: Sequence[dict[str, Any]], device: Any, amp_dtype: Any = None) -> tuple[float, float]:
     """(summed NLL, masked-token count) over fixed masked batches, summed over all workers."""
     import torch
 
@@ -242,7 +250,7 @@ def evaluate_nll(mlm: Any, batches: Sequence[dict[str, Any]], device: Any) -> tu
     with torch.no_grad():
         for b in batches:
             b = {k: v.to(device) for k, v in b.items()}
-            with autocast_ctx(device):
+            with autocast_ctx(device, amp_dtype):
                 total[0] += loss_module(**b).double()
             total[1] += (b["labels"] != -100).sum()
     mlm.train(was_training)

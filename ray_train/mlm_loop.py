@@ -112,6 +112,7 @@ class _Worker:
     mlm: Any  # BertForMaskedLM (the weights exported)
     optimizer: Any
     scheduler: Any
+    amp_dtype: Any = None  # the training step's autocast dtype (ray_train.precision); evals stay fp32
     loss_module: Any = None  # MaskedLMLoss(mlm), DDP-wrapped
     val_batches: list[dict[str, Any]] = field(default_factory=list)  # fixed masks: (B, T) tensors
 
@@ -171,7 +172,10 @@ def _setup(cfg: MLMWorkerConfig, run_dir: str | None) -> _Worker:
     mlm.to(device)
     optimizer = build_optimizer(mlm, job.lr, job.weight_decay)
     scheduler = build_scheduler(optimizer, cfg.warmup_steps, job.max_steps, job.schedule, job.min_lr_ratio)
-    return _Worker(cfg, run_dir, ctx.get_world_rank(), ctx.get_world_size(), device, tok, collator, mlm, optimizer, scheduler)
+    from ray_train.precision import compute_dtype
+
+    return _Worker(cfg, run_dir, ctx.get_world_rank(), ctx.get_world_size(), device, tok, collator, mlm, optimizer, scheduler,
+                   compute_dtype(job.precision, device))  # fmt: skip
 
 
 def _resume(w: _Worker) -> MLMLoopState:
@@ -283,7 +287,7 @@ def _train(w: _Worker, state: MLMLoopState) -> bool:
         micro = [next(stream) for _ in range(job.grad_accum)]  # each (B, T)
         lr = w.scheduler.get_last_lr()[0]
         torch.manual_seed(hash((job.seed, state.step, w.rank)) & 0x7FFFFFFF)  # dropout, resumable
-        out = train_step(w.loss_module, w.optimizer, w.scheduler, micro, w.device, job.max_grad_norm)
+        out = train_step(w.loss_module, w.optimizer, w.scheduler, micro, w.device, job.max_grad_norm, w.amp_dtype)
         state.step += 1
         steplog.add(state.step, out, lr)
         is_last = state.step == job.max_steps

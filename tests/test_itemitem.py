@@ -41,6 +41,8 @@ def test_rp3beta_matches_the_random_walk_written_out(alpha, beta):
     x, items = _matrix(SESSIONS)
     got = II.rp3beta_matrix(x, alpha, beta).toarray()
     ref = _rp3_reference(SESSIONS, alpha, beta)
+    # a grid passes the walk it computed once per alpha: the same matrix
+    assert np.array_equal(II.rp3beta_matrix(x, alpha, beta, walk=II.rp3_walk(x, alpha)).toarray(), got)
     for a, ia in enumerate(items):
         for b, ib in enumerate(items):
             assert got[a, b] == pytest.approx(ref.get((ia, ib), 0.0), abs=1e-12), (ia, ib)

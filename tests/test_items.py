@@ -253,7 +253,8 @@ def test_softmax_bf16_logits_track_fp32():
     import scipy.sparse as sp
     import torch
 
-    from ray_train.items_softmax import CatalogSoftmax, logits_dtype
+    from ray_train.items_softmax import CatalogSoftmax
+    from ray_train.precision import compute_dtype
 
     rng = np.random.default_rng(0)
     n, rows = 300, np.arange(0, 300, 3)
@@ -269,5 +270,7 @@ def test_softmax_bf16_logits_track_fp32():
     (l32, g32), (l16, g16) = out[torch.float32], out[torch.bfloat16]
     assert l16 != l32 and abs(l16 - l32) < 1e-2 * abs(l32)  # the bf16 path ran, and it tracks fp32
     assert torch.linalg.norm(g16 - g32) < 0.05 * torch.linalg.norm(g32)
-    assert logits_dtype("fp32", "cpu") == torch.float32 and logits_dtype("bf16", "cpu") == torch.bfloat16
-    assert logits_dtype("auto", "cpu") in (torch.float32, torch.bfloat16)
+    assert compute_dtype("fp32", "cpu") == torch.float32 and compute_dtype("bf16", "cpu") == torch.bfloat16
+    assert compute_dtype("auto", "cpu") in (torch.float32, torch.bfloat16)
+    with pytest.raises(ValueError, match="auto, fp32 or bf16"):
+        compute_dtype("fp16", "cpu")

@@ -45,19 +45,28 @@ def _row_normalise(m: sp.csr_matrix) -> sp.csr_matrix:
     return (sp.diags(inv) @ m).tocsr()
 
 
-def rp3beta_matrix(x: sp.csr_matrix, alpha: float, beta: float) -> sp.csr_matrix:
-    """Item x item RP3beta weights from a binary sessions x items matrix ``x`` (diagonal zero)."""
-    if alpha <= 0 or beta < 0:
-        raise ValueError(f"RP3beta needs alpha > 0 and beta >= 0, got alpha={alpha}, beta={beta}")
+def rp3_walk(x: sp.csr_matrix, alpha: float) -> sp.csr_matrix:
+    """``(P_is ** alpha) @ (P_si ** alpha)``: RP3beta's item -> session -> item walk before the popularity
+    penalty (the same for every beta, so a grid computes it once per alpha)."""
+    if alpha <= 0:
+        raise ValueError(f"RP3beta needs alpha > 0, got alpha={alpha}")
     x = sp.csr_matrix(x, dtype=np.float64)
     p_si = _row_normalise(x)  # session -> item
     p_is = _row_normalise(x.T.tocsr())  # item -> session
     if alpha != 1.0:
         p_si.data **= alpha
         p_is.data **= alpha
-    w = (p_is @ p_si).tocsr()
+    return (p_is @ p_si).tocsr()
+
+
+def rp3beta_matrix(x: sp.csr_matrix, alpha: float, beta: float, walk: sp.csr_matrix | None = None) -> sp.csr_matrix:
+    """Item x item RP3beta weights from a binary sessions x items matrix ``x`` (diagonal zero);
+    ``walk``: :func:`rp3_walk` of ``x`` and ``alpha``, when already computed."""
+    if alpha <= 0 or beta < 0:
+        raise ValueError(f"RP3beta needs alpha > 0 and beta >= 0, got alpha={alpha}, beta={beta}")
+    w = rp3_walk(x, alpha) if walk is None else walk
     pop = np.asarray(x.sum(axis=0)).ravel()
-    pen = np.divide(1.0, pop**beta, out=np.zeros_like(pop), where=pop > 0)
+    pen = np.divide(1.0, pop**beta, out=np.zeros_like(pop, dtype=np.float64), where=pop > 0)
     w = (w @ sp.diags(pen)).tocsr()
     w.setdiag(0.0)
     w.eliminate_zeros()
@@ -67,10 +76,10 @@ def rp3beta_matrix(x: sp.csr_matrix, alpha: float, beta: float) -> sp.csr_matrix
 class RP3beta(Method):
     """RP3beta scores: one sparse row of the walk matrix per query."""
 
-    def __init__(self, ctx: EvalContext, alpha: float, beta: float, name: str = "rp3beta") -> None:
+    def __init__(self, ctx: EvalContext, alpha: float, beta: float, name: str = "rp3beta", walk: sp.csr_matrix | None = None) -> None:
         super().__init__(name)
         t0 = time.perf_counter()
-        self._w = rp3beta_matrix(ctx.train_matrix(), alpha, beta)
+        self._w = rp3beta_matrix(ctx.train_matrix(), alpha, beta, walk)
         self.info = {"alpha": alpha, "beta": beta, "fit_s": round(time.perf_counter() - t0, 2)}
 
     def score(self, q: np.ndarray) -> np.ndarray:
