@@ -84,7 +84,7 @@ def run(cfg: PipelineConfig) -> int:
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     spark = get_spark("prodrep-pipeline") if any(s in wanted for s in ("ingest", "sessions", "cooccur", "tokenize", "embed", "neighbors")) else None
-    prefetch = Prefetch(lake, cfg)
+    prefetch = _STATE["prefetch"] = Prefetch(lake, cfg)
     start_after = prefetch_start(wanted)
     try:
         if start_after == -1:
@@ -92,12 +92,7 @@ def run(cfg: PipelineConfig) -> int:
         for i, stage in enumerate(wanted):
             runner = STAGE_RUNNERS[stage]
 
-            def run_stage() -> None:
-                if stage == "evaluate":  # its time includes waiting for the background fits it reads
-                    prefetch.wait()
-                runner(spark, lake, cfg)
-
-            _timed(stage, run_stage, timings)
+            _timed(stage, lambda: runner(spark, lake, cfg), timings)
             if i == start_after:
                 prefetch.start()
     finally:
@@ -131,7 +126,8 @@ class Prefetch:
     defaults, tuning grid, tuned fit), so the pipeline starts :func:`prodrep.evaluate.prefetch_main`
     as soon as the stages writing those tables are done (:func:`prefetch_start`); it runs at the lowest
     CPU priority, so it fills the cores that Spark and Ray start-up, I/O and driver work leave idle,
-    and caches its fits; ``evaluate`` waits for it, then reads them from the cache. Nothing starts
+    and caches its fits. ``evaluate`` scores every other method first (mostly single-threaded, so
+    the fits keep a core), waits for it only then, and reads the fits from the cache. Nothing starts
     when the fit cache is off."""
 
     def __init__(self, lake: str, cfg: PipelineConfig) -> None:
@@ -175,7 +171,7 @@ class Prefetch:
 # ------------------------------------------------------------------------------------- stage runners
 # Each: (spark, lake, cfg) -> None, printing what the demo shows for its stage. Models trained by the
 # pipeline are remembered in _STATE so later stages (embed, evaluate) apply them.
-_STATE: dict[str, Any] = {"models": {}}
+_STATE: dict[str, Any] = {"models": {}}  # + "prefetch": this run's Prefetch
 # trained by train-items, the main model last. `id` (behaviour-only SGNS) is not trained here any more:
 # on Online Retail test it reached Recall@20 0.111, below gensim item2vec (0.139) and far below softmax
 # (0.180), which also has ID parts; `prodrep train-items --kind id` still trains it (README "Models").
@@ -304,7 +300,8 @@ def _neighbors(spark, lake: str, cfg: PipelineConfig) -> None:
 def _evaluate(spark, lake: str, cfg: PipelineConfig) -> None:
     from prodrep import evaluate as evaluation
 
-    evaluation.run(_evaluate_config(lake, cfg))
+    # waits for the background item2vec fits only when it reaches them (its time includes that wait)
+    evaluation.run(_evaluate_config(lake, cfg), wait_for_fits=_STATE["prefetch"].wait if "prefetch" in _STATE else None)
 
 
 def _evaluate_config(lake: str, cfg: PipelineConfig) -> Any:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -328,7 +329,7 @@ def test_item2vec_chunks_split_long_sessions_only():
     assert B.Item2VecParams(max_items=100).label().endswith("max_items=100") and "max_items" not in B.Item2VecParams().label()
 
 
-def test_prefetched_item2vec_fits_are_what_evaluate_reads(lake, tmp_path):
+def test_prefetched_item2vec_fits_are_what_evaluate_reads(lake, tmp_path, caplog):
     """The pipeline's background prefetch fits exactly what ``evaluate`` asks for: after it, a run
     with the same config fits nothing (every item2vec fit a cache hit)."""
     pytest.importorskip("gensim")
@@ -340,9 +341,16 @@ def test_prefetched_item2vec_fits_are_what_evaluate_reads(lake, tmp_path):
     assert prefetch_fits(cfg) == ["item2vec_default", "item2vec_tuned"]
     fitted = len(list((Path(lake) / "reports" / "_cache").glob("*.npz")))
     assert fitted == 1 + 3 + 1  # defaults, halving's 2 + 1 grid points, the tuned fit on all of train
-    run(cfg)
+    calls: list[str] = []
+    with caplog.at_level(logging.INFO, logger="prodrep.evaluate"):
+        res = run(cfg, wait_for_fits=lambda: (calls.append("wait"), logging.getLogger("prodrep.evaluate").info("WAIT")))
     stats = json.loads((tmp_path / "report" / "metrics.json").read_text())["details"]["cache"]
     assert stats["misses"] == 0 and stats["hits"] == fitted
+    # one wait, after the other methods were scored and before the item2vec ones; the report keeps its order
+    msgs = [r.getMessage() for r in caplog.records]
+    at = {m: i for i, m in enumerate(msgs)}
+    assert calls == ["wait"] and at["method popularity: building"] < at["WAIT"] < at["method item2vec_default: building"]
+    assert list(res["basket_completion"]) == ["popularity", "item2vec_default", "item2vec_tuned"]
     assert prefetch_fits(dataclasses.replace(cfg, cache=False)) == [] and prefetch_fits(dataclasses.replace(cfg, methods=("popularity",))) == []
 
 
