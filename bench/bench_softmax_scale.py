@@ -38,10 +38,10 @@ os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 WORDS = [f"w{i}" for i in range(3000)]
 
 
-def synthetic_tables(n_items: int, n_baskets: int, n_cats: int = 500, seed: int = 0) -> tuple[Any, Any]:
-    """(sessions, catalog) Arrow tables: baskets from 1-2 categories, Zipf item popularity."""
-    import pyarrow as pa
-
+def synthetic_shop(n_items: int, n_baskets: int, n_cats: int = 500, seed: int = 0) -> tuple[np.ndarray, list[str], list[np.ndarray | None]]:
+    """(category of each item, titles, one array of item indices per basket; None where a basket's
+    categories hold fewer than 2 items): baskets of 2-12 items from 1-2 categories, Zipf popularity,
+    titles sharing their category's words."""
     rng = np.random.default_rng(seed)
     cat_of = rng.integers(0, n_cats, n_items)
     by_cat = [np.flatnonzero(cat_of == c) for c in range(n_cats)]
@@ -50,18 +50,26 @@ def synthetic_tables(n_items: int, n_baskets: int, n_cats: int = 500, seed: int 
     cat_words = rng.choice(len(WORDS), size=(n_cats, 3))
     titles = [" ".join([WORDS[w] for w in cat_words[cat_of[i]]] + [WORDS[rng.integers(len(WORDS))], f"item{i}"])
               for i in range(n_items)]  # fmt: skip
-    ts = datetime(2011, 1, 1, tzinfo=timezone.utc)
-    rows = []
-    for b in range(n_baskets):
+    baskets: list[np.ndarray | None] = []
+    for _ in range(n_baskets):
         cats = rng.choice(n_cats, size=int(rng.integers(1, 3)), replace=False)
         pool = np.concatenate([by_cat[c] for c in cats])
         if len(pool) < 2:
+            baskets.append(None)
             continue
-        p = pop[pool] / pop[pool].sum()
         size = min(len(pool), int(rng.integers(2, 13)))
-        items = rng.choice(pool, size=size, replace=False, p=p)
-        rows.append({"session_id": f"s{b:07d}", "item_ids": [f"i{i}" for i in items], "start_ts": ts, "end_ts": ts,
-                     "length": size, "split": "train" if b < 0.9 * n_baskets else "test"})  # fmt: skip
+        baskets.append(rng.choice(pool, size=size, replace=False, p=pop[pool] / pop[pool].sum()))
+    return cat_of, titles, baskets
+
+
+def synthetic_tables(n_items: int, n_baskets: int, n_cats: int = 500, seed: int = 0) -> tuple[Any, Any]:
+    """(sessions, catalog) Arrow tables of :func:`synthetic_shop`."""
+    import pyarrow as pa
+
+    cat_of, titles, baskets = synthetic_shop(n_items, n_baskets, n_cats, seed)
+    ts = datetime(2011, 1, 1, tzinfo=timezone.utc)
+    rows = [{"session_id": f"s{b:07d}", "item_ids": [f"i{i}" for i in items], "start_ts": ts, "end_ts": ts, "length": len(items),
+             "split": "train" if b < 0.9 * n_baskets else "test"} for b, items in enumerate(baskets) if items is not None]  # fmt: skip
     sessions = pa.Table.from_pylist(rows)
     catalog = pa.table({"item_id": [f"i{i}" for i in range(n_items)], "title": titles,
                         "category": [f"c{c}" for c in cat_of]})  # fmt: skip

@@ -36,7 +36,9 @@ log = logging.getLogger(__name__)
 RP3_ALPHAS: tuple[float, ...] = (0.5, 0.75, 1.0)
 RP3_BETAS: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)  # beta=0 (P3alpha) is always in the grid
 EASE_LAMBDAS: tuple[float, ...] = (10.0, 100.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 25000.0)
-EASE_MAX_ITEMS = 20_000  # dense N x N float64 inverse: 20k items = 3.2 GB
+# dense N x N float64 inverse per grid point: 3,400 items take ~2 s on 2 cores, 8,000 ~25 s (0.5 GB), 20,000 ~7 min
+# (3.2 GB) -- times nine fits (grid + final), which a 2-core box cannot afford
+EASE_MAX_ITEMS = 8_000
 
 
 def _row_normalise(m: sp.csr_matrix) -> sp.csr_matrix:
