@@ -225,6 +225,19 @@ def test_eval_split_val_scores_the_val_sessions_only(lake, tmp_path):
     assert test["dataset"]["queries"] == 20 * 4 and test["dataset"]["cold_queries"] == 0
 
 
+def test_report_follows_the_configured_cutoffs(lake, tmp_path, capsys):
+    # the report and the printed table once read recall@20 / ndcg@10 by name: other cut-offs raised KeyError
+    _write_lake(lake, with_model=False)
+    res = run(_cfg(lake, tmp_path, methods=("popularity", "cooc_count"), ks=(3, 5), ndcg_k=4))
+    assert set(res["basket_completion"]["cooc_count"]) == {"recall@3", "recall@5", "ndcg@4", "cold_recall@5", "queries", "cold_queries"}
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "| method | R@3 | R@5 | NDCG@4 | warm R@5 | cold R@3 | cold R@5 | cold NDCG@4 | queries | cold |" in md
+    best = max(res["basket_completion"], key=lambda m: res["basket_completion"][m]["recall@5"])
+    assert f"Best overall Recall@5: **{best}**" in md and "Best NDCG@4:" in md
+    printed = capsys.readouterr().out
+    assert "R@5" in printed and "NDCG@4" in printed and "R@20" not in printed
+
+
 def test_item2vec_tiny_deterministic_and_tuned_on_pseudo_val(lake, tmp_path):
     pytest.importorskip("gensim")
     train, _ = _sessions()

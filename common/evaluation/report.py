@@ -21,6 +21,11 @@ def _fmt(v: Any, digits: int = 3) -> str:
     return str(v)
 
 
+def _label(key: str) -> str:
+    """``recall@20`` -> ``Recall@20``, ``ndcg@10`` -> ``NDCG@10``, ``cold_recall@20`` -> ``cold Recall@20``."""
+    return key.replace("_", " ").replace("recall@", "Recall@").replace("ndcg@", "NDCG@")
+
+
 def _agg():
     import matplotlib
 
@@ -83,10 +88,31 @@ def basket_rows(results: Mapping[str, Any], details: Mapping[str, Any]) -> list[
     rows = []
     for name, m in bc.items():
         rows.append({"method": name, **m, **extra.get(name, {})})
-    key = next((k for k in ("recall@20", "recall@10") if rows and k in rows[0]), None)
+    key = headline(rows, "recall@")
     if key:
         rows.sort(key=lambda r: -(r.get(key) or 0.0))
     return rows
+
+
+# Report order of the metric families and their column labels; K comes from the keys themselves, so
+# any ``ks`` / ``ndcg_k`` the evaluation ran with is reported (not only 10 and 20).
+_FAMILIES = (("recall@", "R@"), ("ndcg@", "NDCG@"), ("warm_recall@", "warm R@"), ("cold_recall@", "cold R@"), ("cold_ndcg@", "cold NDCG@"))
+
+
+def _cutoffs(rows: Sequence[Mapping[str, Any]], prefix: str) -> list[int]:
+    keys = {k for r in rows for k in r if k.startswith(prefix) and k[len(prefix):].isdigit()}
+    return sorted(int(k[len(prefix):]) for k in keys)
+
+
+def headline(rows: Sequence[Mapping[str, Any]], prefix: str) -> str | None:
+    """The key of the largest cut-off of one metric family (``recall@`` -> ``recall@20``), None if absent."""
+    ks = _cutoffs(rows, prefix)
+    return f"{prefix}{ks[-1]}" if ks else None
+
+
+def metric_columns(rows: Sequence[Mapping[str, Any]], families: Sequence[str] | None = None) -> list[tuple[str, str]]:
+    """(key, label) of every metric the rows carry, family by family, cut-offs ascending."""
+    return [(f"{p}{k}", f"{label}{k}") for p, label in _FAMILIES if families is None or p in families for k in _cutoffs(rows, p)]
 
 
 def reading(results: Mapping[str, Any], details: Mapping[str, Any]) -> list[str]:
@@ -97,28 +123,31 @@ def reading(results: Mapping[str, Any], details: Mapping[str, Any]) -> list[str]
         return ["No method was evaluated."]
     ds = results["dataset"]
     best = rows[0]
-    out.append(
-        f"Best overall Recall@20: **{best['method']}** ({_fmt(best['recall@20'])}) on {ds.get('queries')} queries "
-        f"from {ds.get('query_sessions')} test sessions; {_fmt(100 * ds.get('cold_query_share', 0.0), 1)}% of the "
-        f"queries and {_fmt(100 * ds.get('cold_target_share', 0.0), 1)}% of the targets are cold (never in a train session)."
-    )
-    pop = results["basket_completion"].get("popularity")
-    if pop and pop.get("recall@20"):
-        out.append(f"That is {best['recall@20'] / pop['recall@20']:.1f}x the popularity baseline ({_fmt(pop['recall@20'])}).")
-    cold = [r for r in rows if r.get("cold_recall@20") is not None]
+    rk, ck, nk = headline(rows, "recall@"), headline(rows, "cold_recall@"), headline(rows, "ndcg@")
+    if rk:
+        out.append(
+            f"Best overall {_label(rk)}: **{best['method']}** ({_fmt(best.get(rk))}) on {ds.get('queries')} queries "
+            f"from {ds.get('query_sessions')} test sessions; {_fmt(100 * ds.get('cold_query_share', 0.0), 1)}% of the "
+            f"queries and {_fmt(100 * ds.get('cold_target_share', 0.0), 1)}% of the targets are cold (never in a train session)."
+        )
+        pop = results["basket_completion"].get("popularity")
+        if pop and pop.get(rk):
+            out.append(f"That is {best[rk] / pop[rk]:.1f}x the popularity baseline ({_fmt(pop[rk])}).")
+    cold = [r for r in rows if ck and r.get(ck) is not None]
     if cold and ds.get("cold_queries"):
-        bc = max(cold, key=lambda r: r["cold_recall@20"])
+        bc = max(cold, key=lambda r: r[ck])
         behav = [r for r in cold if r["method"] in ("popularity", "cooc_count", "cooc_cosine", "item2vec_default", "item2vec_tuned")]
-        txt = f"On cold queries the best is **{bc['method']}** ({_fmt(bc['cold_recall@20'])})"
+        txt = f"On cold queries the best is **{bc['method']}** ({_fmt(bc[ck])})"
         if behav:
-            bb = max(behav, key=lambda r: r["cold_recall@20"])
+            bb = max(behav, key=lambda r: r[ck])
             txt += (
                 f"; behaviour-only methods cannot place a cold query and fall back to popularity order "
-                f"(best of them {_fmt(bb['cold_recall@20'])})"
+                f"(best of them {_fmt(bb[ck])})"
             )
         out.append(txt + ".")
-    nd = max(rows, key=lambda r: r.get("ndcg@10") or 0.0)
-    out.append(f"Best NDCG@10: **{nd['method']}** ({_fmt(nd['ndcg@10'])}).")
+    if nk:
+        nd = max(rows, key=lambda r: r.get(nk) or 0.0)
+        out.append(f"Best {_label(nk)}: **{nd['method']}** ({_fmt(nd[nk])}).")
     tuned = details.get("item2vec", {}).get("chosen")
     if tuned:
         out.append(f"item2vec_tuned uses {tuned} (chosen on {details['item2vec'].get('val_source')}).")
@@ -139,13 +168,11 @@ def render_markdown(results: Mapping[str, Any], details: Mapping[str, Any], plot
         "at most the configured number of queries; targets = the other items of the session; candidates = "
         "train items + test items with text; ties broken by train popularity, then item id."
     )
-    lines += ["", "| method | R@10 | R@20 | NDCG@10 | warm R@20 | cold R@10 | cold R@20 | cold NDCG@10 | queries | cold |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in basket_rows(results, details):
-        lines.append(
-            f"| {r['method']} | {_fmt(r.get('recall@10'))} | {_fmt(r.get('recall@20'))} | {_fmt(r.get('ndcg@10'))} | "
-            f"{_fmt(r.get('warm_recall@20'))} | {_fmt(r.get('cold_recall@10'))} | {_fmt(r.get('cold_recall@20'))} | {_fmt(r.get('cold_ndcg@10'))} | "
-            f"{r.get('queries')} | {r.get('cold_queries')} |"
-        )
+    rows = basket_rows(results, details)
+    cols = metric_columns(rows)
+    lines += ["", "| method | " + " | ".join(label for _, label in cols) + " | queries | cold |", "|---" * (len(cols) + 3) + "|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | " + " | ".join(_fmt(r.get(k)) for k, _ in cols) + f" | {r.get('queries')} | {r.get('cold_queries')} |")
     lines += ["", "### Reading", ""] + [f"- {s}" for s in reading(results, details)]
     tuned = {"item2vec": details.get("item2vec", {}), **details.get("tuning", {})}
     for name, t in tuned.items():
@@ -200,11 +227,10 @@ def write_report(
 def print_summary(results: Mapping[str, Any], details: Mapping[str, Any], paths: Mapping[str, str] | None = None) -> None:
     """The table printed at the end of ``prodrep evaluate`` (rich when available)."""
     rows = basket_rows(results, details)
-    head = ["method", "R@10", "R@20", "NDCG@10", "warm R@20", "cold R@20", "queries", "cold"]
-    body = [
-        [r["method"], _fmt(r.get("recall@10")), _fmt(r.get("recall@20")), _fmt(r.get("ndcg@10")), _fmt(r.get("warm_recall@20")), _fmt(r.get("cold_recall@20")), str(r.get("queries")), str(r.get("cold_queries"))]
-        for r in rows
-    ]
+    # the printed table keeps to the headline columns (every cold cut-off is in report.md)
+    cols = metric_columns(rows, ("recall@", "ndcg@", "warm_recall@")) + [(k, _label(k)) for k in [headline(rows, "cold_recall@")] if k]
+    head = ["method", *(label for _, label in cols), "queries", "cold"]
+    body = [[r["method"], *(_fmt(r.get(k)) for k, _ in cols), str(r.get("queries")), str(r.get("cold_queries"))] for r in rows]
     try:
         from rich.console import Console
         from rich.table import Table
