@@ -75,3 +75,19 @@ def test_top_k_matches_python_reference_with_many_ties():
         ref = sorted(cols, key=lambda j: (-scores[i, j], j))[:k]
         ref += [-1] * (k - len(ref))
         assert got[i].tolist() == ref
+
+
+def test_top_k_mixed_batch_sparse_and_distinct_rows_match_reference():
+    # a sparse method's rows (mostly zeros: more ties at the k-th score than places) beside rows of
+    # distinct scores (no excess tie): only the former are edited tie by tie, both must follow the rule
+    rng = np.random.default_rng(1)
+    b, n, k = 40, 300, 20
+    scores = rng.standard_normal((b, n))
+    sparse = rng.random(b) < 0.5
+    scores[sparse] = np.where(rng.random((int(sparse.sum()), n)) < 0.03, rng.integers(1, 3, (int(sparse.sum()), n)), 0.0)
+    query = rng.integers(0, n, size=b)
+    valid = rng.random(n) < 0.9
+    got = top_k(scores, query, valid, k)
+    for i in range(b):
+        ref = sorted((j for j in range(n) if valid[j] and j != query[i]), key=lambda j: (-scores[i, j], j))[:k]
+        assert got[i].tolist() == ref

@@ -197,6 +197,16 @@ def build_context(
     )
 
 
+def kth_largest(scores: np.ndarray, k: int) -> np.ndarray:
+    """The ``k``-th largest value of every row of ``scores`` (B, N), as a (B,) array.
+
+    ``torch.topk`` rather than ``np.partition``: numpy's introselect degrades on rows full of equal values
+    (a sparse method's row is mostly zeros), 5.8 s against 0.13 s for 1,024 rows of 40,000 items."""
+    import torch
+
+    return torch.from_numpy(scores).topk(k, dim=1, sorted=False).values.amin(dim=1).numpy()
+
+
 def top_k(scores: np.ndarray, query: np.ndarray, valid: np.ndarray, k: int) -> np.ndarray:
     """Top-``k`` universe indices per row, best first; -1 where fewer than ``k`` items are rankable.
 
@@ -213,12 +223,17 @@ def top_k(scores: np.ndarray, query: np.ndarray, valid: np.ndarray, k: int) -> n
     np.maximum(s, LOW, out=s)
     s[:, ~valid] = -np.inf
     s[np.arange(b), query] = -np.inf
-    kth = np.partition(s, n - k, axis=1)[:, n - k]  # k-th largest score per row
+    kth = kth_largest(s, k)
     greater = s > kth[:, None]
     need = k - greater.sum(axis=1)
     equal = s == kth[:, None]
-    # among the items tied with the k-th score, keep the first `need` columns (the tie-break order)
-    chosen = greater | (equal & (np.cumsum(equal, axis=1) <= need[:, None]))
+    chosen = greater | equal
+    # among the items tied with the k-th score, keep the first `need` columns (the tie-break order); only
+    # rows with more ties than places are edited, a row at a time (a cumsum over every row cost 1.4 s of
+    # a 1,024 x 40,000 batch)
+    for r in np.flatnonzero(equal.sum(axis=1) > need):
+        chosen[r] = greater[r]
+        chosen[r, np.flatnonzero(equal[r])[: need[r]]] = True
     cols = np.nonzero(chosen)[1].reshape(b, k)
     chosen_scores = np.take_along_axis(s, cols, axis=1)
     order = np.argsort(-chosen_scores, axis=1, kind="stable")  # stable: equal scores keep column order
