@@ -29,7 +29,7 @@ from common.evaluation import baselines as B
 from common.evaluation import itemitem as II
 from common.evaluation.cache import FitCache
 from common.evaluation.metrics import ndcg_at_k, recall_at_k, recall_curve
-from common.evaluation.probe import category_probe, probe_items
+from common.evaluation.probe import category_probe, probe_items, sample_probe
 from common.evaluation.protocol import EvalContext, build_context, evaluate_scores
 from common.text import DEFAULT_TEMPLATE, render
 
@@ -85,6 +85,7 @@ class EvaluateConfig(JobConfig):
     ease_max_items: int = option(II.EASE_MAX_ITEMS, "EASE is fitted on at most this many items (those in the most train sessions)")
     probe_min_sessions: int = option(5, "category probe / projection: items in at least this many train sessions")
     probe_folds: int = option(5, "category probe: cross-validation folds")
+    probe_max_items: int = option(5000, "category probe: at most this many items, a seeded sample stratified by category (0 = all)")
     projection_max_points: int = option(3000, "projection plot: at most this many items")
     projection_method: Literal["tsne", "pca"] = option("tsne", "projection plot: 'tsne' (scikit-learn t-SNE after a 50-d PCA; "
                                                        "keeps neighbourhoods) or 'pca' (the 2 leading components; keeps "
@@ -121,6 +122,8 @@ class EvaluateConfig(JobConfig):
             raise ConfigError(f"rp3_alphas={self.rp3_alphas} must be > 0 and rp3_betas={self.rp3_betas} >= 0")
         if not self.ease_lambdas or min(self.ease_lambdas) <= 0 or self.ease_max_items < 2:
             raise ConfigError(f"ease_lambdas={self.ease_lambdas} must be > 0 and ease_max_items >= 2, e.g. --set ease_lambdas=100,500")
+        if self.probe_max_items < 0:
+            raise ConfigError(f"probe_max_items={self.probe_max_items}: give 0 (probe every item) or a positive cap")
         if self.probe_folds < 2 or self.item2vec_workers < 1 or self.clusters < 2:
             raise ConfigError("probe_folds >= 2, item2vec_workers >= 1 and clusters >= 2 are required")
 
@@ -515,8 +518,13 @@ def probe_setup(ctx: EvalContext, cfg: EvaluateConfig, state: dict[str, Any]) ->
     if not len(probe_labels):
         state["probe_note"] = "Skipped: the catalog has no category values (for items in enough train sessions)."
         state["notes"].append("category probe skipped: catalog.category is empty")
-    elif dropped:
-        state["notes"].append(f"category probe: {dropped} classes with < {cfg.probe_folds} items dropped")
+        return probe_idx, probe_labels
+    eligible = len(probe_idx)
+    probe_idx, probe_labels, dropped_after = sample_probe(probe_idx, probe_labels, cfg.probe_max_items, cfg.probe_folds, seed=0)
+    if len(probe_idx) < eligible:
+        state["notes"].append(f"category probe: a stratified sample of {len(probe_idx):,} of {eligible:,} items (probe_max_items)")
+    if dropped or dropped_after:
+        state["notes"].append(f"category probe: {dropped + dropped_after} classes with < {cfg.probe_folds} items dropped")
     return probe_idx, probe_labels
 
 

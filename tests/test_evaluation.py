@@ -16,6 +16,7 @@ from common.config import ConfigError, InputError, build_config
 from common.evaluation import baselines as B
 from prodrep.evaluate import EvaluateConfig, main, run
 from common.evaluation.metrics import recall_at_k
+from common.evaluation.probe import sample_probe
 from common.evaluation.protocol import build_context, evaluate_scores, sample_queries
 from common.lake import read_pandas, write_arrow
 
@@ -236,6 +237,35 @@ def test_report_follows_the_configured_cutoffs(lake, tmp_path, capsys):
     assert f"Best overall Recall@5: **{best}**" in md and "Best NDCG@4:" in md
     printed = capsys.readouterr().out
     assert "R@5" in printed and "NDCG@4" in printed and "R@20" not in printed
+
+
+def test_probe_sample_is_stratified_seeded_and_bounded():
+    rng = np.random.default_rng(0)
+    sizes = {f"c{i}": n for i, n in enumerate([400, 200, 100, 60, 40, 12])}  # 812 items
+    labels = np.array([c for c, n in sizes.items() for _ in range(n)])
+    idx = np.sort(rng.choice(5000, size=len(labels), replace=False))
+    labels = labels[rng.permutation(len(labels))]
+    got_idx, got_labels, dropped = sample_probe(idx, labels, 200, folds=5, seed=0)
+    again = sample_probe(idx, labels, 200, folds=5, seed=0)
+    assert np.array_equal(got_idx, again[0]) and np.array_equal(got_labels, again[1])
+    assert len(got_idx) <= 200 and np.all(np.diff(got_idx) > 0) and np.isin(got_idx, idx).all()
+    pos = {int(i): n for n, i in enumerate(idx)}
+    assert [labels[pos[int(i)]] for i in got_idx] == got_labels.tolist()  # each item keeps its own label
+    counts = {c: int((got_labels == c).sum()) for c in sizes}
+    # stratified: every class keeps its share of 200 (within one), the 12-item class (3 < 5 folds) is dropped
+    assert all(abs(counts[c] - 200 * n / 812) <= 1 for c, n in sizes.items() if c != "c5")
+    assert counts["c5"] == 0 and dropped == 1
+    assert sample_probe(idx, labels, 0)[0] is idx and sample_probe(idx, labels, 5000)[0] is idx
+
+
+def test_probe_runs_on_the_sample_and_says_so(lake, tmp_path):
+    _write_lake(lake, with_model=False)
+    res = run(_cfg(lake, tmp_path, methods=("tfidf",), probe_max_items=20))
+    assert res["probe"]["tfidf"]["items"] == 20 and res["probe"]["tfidf"]["classes"] == 2
+    notes = json.loads((tmp_path / "report" / "metrics.json").read_text())["details"]["notes"]
+    assert "category probe: a stratified sample of 20 of 30 items (probe_max_items)" in notes
+    with pytest.raises(ConfigError, match="probe_max_items"):
+        _cfg(lake, tmp_path, probe_max_items=-1)
 
 
 def test_item2vec_tiny_deterministic_and_tuned_on_pseudo_val(lake, tmp_path):

@@ -3,7 +3,8 @@
 Protocol (issue 7): items in >= 5 train sessions with a category; L2-normalised embeddings;
 ``LogisticRegression(max_iter=2000)`` under ``StratifiedKFold(5, shuffle=True, random_state=0)``;
 mean accuracy and macro-F1. Classes with fewer members than folds are dropped (stratification needs
-one member per fold) and counted in the result.
+one member per fold) and counted in the result. Large catalogs are probed on a stratified sample
+(:func:`sample_probe`, ``probe_max_items``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,25 @@ def probe_items(popularity: np.ndarray, categories: list[str | None], min_sessio
     big = set(values[counts >= folds])
     keep = np.array([l in big for l in labels], dtype=bool)
     return idx[keep], labels[keep].astype(str), int((counts < folds).sum())
+
+
+def sample_probe(idx: np.ndarray, labels: np.ndarray, max_items: int, folds: int = 5, seed: int = 0) -> tuple[np.ndarray, np.ndarray, int]:
+    """At most ``max_items`` of the probe items, a seeded sample stratified by class (each class keeps its
+    share); classes left with fewer members than folds are dropped and counted. ``max_items`` 0 keeps all.
+
+    Why: a 5-fold multinomial logistic regression over 40,000 items and 400 classes costs minutes per
+    method on 2 cores; a stratified sample of a few thousand items estimates the same accuracy."""
+    if not max_items or len(idx) <= max_items:
+        return idx, labels, 0
+    from sklearn.model_selection import train_test_split
+
+    classes = len(np.unique(labels))
+    strat = labels if max_items >= classes else None  # stratifying needs one place per class
+    idx, _, labels, _ = train_test_split(idx, labels, train_size=max_items, stratify=strat, random_state=seed)
+    values, counts = np.unique(labels, return_counts=True)
+    keep = np.isin(labels, values[counts >= folds])
+    order = np.argsort(idx[keep], kind="stable")  # universe order, as probe_items gives it
+    return idx[keep][order], labels[keep][order], int((counts < folds).sum())
 
 
 def category_probe(vectors: np.ndarray | sp.spmatrix, labels: np.ndarray, folds: int = 5, seed: int = 0) -> dict[str, Any]:
