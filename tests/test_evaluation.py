@@ -236,7 +236,7 @@ def test_report_follows_the_configured_cutoffs(lake, tmp_path, capsys):
     best = max(res["basket_completion"], key=lambda m: res["basket_completion"][m]["recall@5"])
     assert f"Best overall Recall@5: **{best}**" in md and "Best NDCG@4:" in md
     printed = capsys.readouterr().out
-    assert "R@5" in printed and "NDCG@4" in printed and "R@20" not in printed
+    assert "cold R@5" in printed and "NDCG@4" in printed and "cold R@3" not in printed and "R@20" not in printed
 
 
 def test_probe_sample_is_stratified_seeded_and_bounded():

@@ -228,7 +228,7 @@ def print_summary(results: Mapping[str, Any], details: Mapping[str, Any], paths:
     """The table printed at the end of ``prodrep evaluate`` (rich when available)."""
     rows = basket_rows(results, details)
     # the printed table keeps to the headline columns (every cold cut-off is in report.md)
-    cols = metric_columns(rows, ("recall@", "ndcg@", "warm_recall@")) + [(k, _label(k)) for k in [headline(rows, "cold_recall@")] if k]
+    cols = metric_columns(rows, ("recall@", "ndcg@", "warm_recall@")) + metric_columns(rows, ("cold_recall@",))[-1:]
     head = ["method", *(label for _, label in cols), "queries", "cold"]
     body = [[r["method"], *(_fmt(r.get(k)) for k, _ in cols), str(r.get("queries")), str(r.get("cold_queries"))] for r in rows]
     try:
