@@ -62,17 +62,33 @@ def write_raw(directory: Path, n_items: int, n_baskets: int, n_cats: int = 400, 
 
 
 class MemorySampler(threading.Thread):
-    """Peak of MemTotal - MemAvailable (the machine's memory in use, page cache excluded), every 2 s."""
+    """Peak of MemTotal - MemAvailable (the machine's memory in use, page cache excluded), every 2 s, overall
+    and per pipeline stage (the stage is the last ``=== name ===`` header the pipeline's log has shown)."""
 
-    def __init__(self) -> None:
+    def __init__(self, log_path: Path) -> None:
         super().__init__(daemon=True)
         self.peak_kb, self.stop = 0, threading.Event()
+        self.log_path, self.offset, self.stage = log_path, 0, "start"
+        self.by_stage: dict[str, int] = {}
+
+    def _follow_log(self) -> None:
+        if not self.log_path.exists():
+            return
+        with open(self.log_path, "rb") as f:
+            f.seek(self.offset)
+            new = f.read()
+        self.offset += len(new)
+        headers = re.findall(rb"^=== (\S+) =+\s*$", new, flags=re.M)
+        if headers:
+            self.stage = headers[-1].decode()
 
     def run(self) -> None:
         while not self.stop.is_set():
+            self._follow_log()
             info = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
             used = int(info["MemTotal"].split()[0]) - int(info["MemAvailable"].split()[0])
             self.peak_kb = max(self.peak_kb, used)
+            self.by_stage[self.stage] = max(self.by_stage.get(self.stage, 0), used)
             self.stop.wait(2.0)
 
 
@@ -94,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
            "--catalog", str(catalog), "--catalog-map", "item_id=sku,title=name,category=dept"]  # fmt: skip
     env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable, "HF_HUB_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false", "RAY_USAGE_STATS_ENABLED": "0"}  # fmt: skip
-    mem = MemorySampler()
+    mem = MemorySampler(log_path)
     mem.start()
     t1 = time.perf_counter()
     with open(log_path, "w") as log:
@@ -114,9 +130,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.items:,} items in 400 departments, {args.baskets:,} baskets of 2-12 complements over a year (raw files written in "
         f"{gen_s:.0f} s); `prodrep pipeline` exit code {rc}, **{wall:.0f} s** wall; log: `{log_path}`.",
         "",
-        "| stage | seconds |",
-        "|---|---:|",
-        *[f"| {name} | {float(s):.0f} |" for name, s in stages],
+        "| stage | seconds | peak memory in use on the machine, GiB |",
+        "|---|---:|---:|",
+        *[f"| {name} | {float(s):.0f} | {mem.by_stage.get(name, 0) / 1024**2:.1f} |" for name, s in stages],
         "",
         f"- **peak memory in use on the machine** (all processes): **{mem.peak_kb / 1024**2:.1f} GiB** of "
         f"{int(Path('/proc/meminfo').read_text().split()[1]) / 1024**2:.0f} GiB",

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ORDER = ["bench_delta_write.py", "bench_cooccurrence.py", "bench_mlm.py", "bench_items.py", "bench_softmax_step.py", "bench_softmax_scale.py", "bench_embed.py"]
+ORDER = ["bench_delta_write.py", "bench_cooccurrence.py", "bench_mlm.py", "bench_items.py", "bench_softmax_step.py", "bench_softmax_scale.py", "bench_embed.py", "bench_topk.py"]
 
 
 def main() -> int:

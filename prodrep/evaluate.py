@@ -230,7 +230,7 @@ def build_method(name: str, ctx: EvalContext, cfg: EvaluateConfig, state: dict[s
         def build_rp3(c: EvalContext, alpha: float, beta: float) -> II.RP3beta:
             key = (id(c), alpha)
             if key not in walks:
-                walks.clear()  # the grid is alpha-major: one walk alive at a time (each is GBs at 40k items)
+                walks.clear()  # the grid is alpha-major: keep only the current alpha's walk
                 walks[key] = II.rp3_walk(c.train_matrix(), alpha)
             return II.RP3beta(c, alpha, beta, walk=walks[key])
 
