@@ -22,19 +22,24 @@ def probe_items(popularity: np.ndarray, categories: list[str | None], min_sessio
     """Indices and labels of the probe items; also the number of classes dropped for being too small."""
     cats = np.array([c if c else "" for c in categories], dtype=object)
     idx = np.flatnonzero((popularity >= min_sessions) & (cats != ""))
-    labels = cats[idx]
-    values, counts = np.unique(labels.astype(str), return_counts=True)
-    big = set(values[counts >= folds])
-    keep = np.array([l in big for l in labels], dtype=bool)
-    return idx[keep], labels[keep].astype(str), int((counts < folds).sum())
+    return drop_small_classes(idx, cats[idx].astype(str), folds)
+
+
+def drop_small_classes(idx: np.ndarray, labels: np.ndarray, folds: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """The items whose class has at least ``folds`` members (stratified folds need one per fold), in the
+    given order; also the number of classes dropped."""
+    values, counts = np.unique(labels, return_counts=True)
+    keep = np.isin(labels, values[counts >= folds])
+    return idx[keep], labels[keep], int((counts < folds).sum())
 
 
 def sample_probe(idx: np.ndarray, labels: np.ndarray, max_items: int, folds: int = 5, seed: int = 0) -> tuple[np.ndarray, np.ndarray, int]:
     """At most ``max_items`` of the probe items, a seeded sample stratified by class (each class keeps its
     share); classes left with fewer members than folds are dropped and counted. ``max_items`` 0 keeps all.
 
-    Why: a 5-fold multinomial logistic regression over 40,000 items and 400 classes costs minutes per
-    method on 2 cores; a stratified sample of a few thousand items estimates the same accuracy."""
+    Why: bounds the probe's growth with the catalog. Measured at 40,000 items / 400 classes, TF-IDF
+    vectors: 259 s on all 36,218 probe items, 196 s on 5,000 -- the class count, not the item count, is
+    most of the cost there."""
     if not max_items or len(idx) <= max_items:
         return idx, labels, 0
     from sklearn.model_selection import train_test_split
@@ -42,10 +47,8 @@ def sample_probe(idx: np.ndarray, labels: np.ndarray, max_items: int, folds: int
     classes = len(np.unique(labels))
     strat = labels if max_items >= classes else None  # stratifying needs one place per class
     idx, _, labels, _ = train_test_split(idx, labels, train_size=max_items, stratify=strat, random_state=seed)
-    values, counts = np.unique(labels, return_counts=True)
-    keep = np.isin(labels, values[counts >= folds])
-    order = np.argsort(idx[keep], kind="stable")  # universe order, as probe_items gives it
-    return idx[keep][order], labels[keep][order], int((counts < folds).sum())
+    order = np.argsort(idx, kind="stable")  # universe order, as probe_items gives it
+    return drop_small_classes(idx[order], labels[order], folds)
 
 
 def category_probe(vectors: np.ndarray | sp.spmatrix, labels: np.ndarray, folds: int = 5, seed: int = 0) -> dict[str, Any]:
