@@ -16,7 +16,7 @@ from common.config import ConfigError, InputError, build_config
 from common.evaluation import baselines as B
 from prodrep.evaluate import EvaluateConfig, main, run
 from common.evaluation.metrics import recall_at_k
-from common.evaluation.probe import sample_probe
+from common.evaluation.probe import category_probe, sample_probe
 from common.evaluation.protocol import build_context, evaluate_scores, sample_queries
 from common.lake import read_pandas, write_arrow
 
@@ -256,6 +256,36 @@ def test_probe_sample_is_stratified_seeded_and_bounded():
     assert all(abs(counts[c] - 200 * n / 812) <= 1 for c, n in sizes.items() if c != "c5")
     assert counts["c5"] == 0 and dropped == 1
     assert sample_probe(idx, labels, 0)[0] is idx and sample_probe(idx, labels, 5000)[0] is idx
+
+
+def test_sparse_probe_memory_follows_the_used_columns_not_the_vocabulary():
+    """A wide sparse vocabulary (TF-IDF) must not size lbfgs' history: 20 classes x 200,000 columns would
+    keep 10 x 2 x 4M float64 (~640 MB); the probe items use 2,000 columns. Same fit as the compact matrix."""
+    import tracemalloc
+
+    import scipy.sparse as sp
+
+    rng = np.random.default_rng(0)
+    classes, per_class, used, width = 20, 15, 2000, 200_000
+    labels = np.repeat([f"c{i:02d}" for i in range(classes)], per_class)
+    rows, cols = [], []
+    for r in range(len(labels)):
+        c = r // per_class
+        own = rng.choice(np.arange(c * used // classes, (c + 1) * used // classes), size=4, replace=False)
+        for col in [*own, *rng.choice(used, size=2, replace=False)]:  # class words + shared noise
+            rows.append(r)
+            cols.append(int(col) * (width // used))  # spread over the wide vocabulary
+    x = sp.csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(len(labels), width))
+    compact = x[:, np.unique(cols)].toarray()
+    tracemalloc.start()
+    try:
+        wide = category_probe(x, labels, folds=5, seed=0)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 100e6, f"probe peak {peak / 1e6:.0f} MB"
+    assert wide == category_probe(compact, labels, folds=5, seed=0)
+    assert wide["accuracy"] > 0.5  # the class words are learnable
 
 
 def test_probe_runs_on_the_sample_and_says_so(lake, tmp_path):

@@ -38,8 +38,8 @@ def sample_probe(idx: np.ndarray, labels: np.ndarray, max_items: int, folds: int
     share); classes left with fewer members than folds are dropped and counted. ``max_items`` 0 keeps all.
 
     Why: bounds the probe's growth with the catalog. Measured at 40,000 items / 400 classes, TF-IDF
-    vectors: 259 s on all 36,218 probe items, 196 s on 5,000 -- the class count, not the item count, is
-    most of the cost there."""
+    vectors (163,339 columns), with :func:`used_columns`: all 36,218 probe items use 148,446 columns,
+    294 s and 14.8 GB peak RSS; a 5,000-item sample uses 23,807, 43 s and 3.2 GB. Same accuracy (1.0)."""
     if not max_items or len(idx) <= max_items:
         return idx, labels, 0
     from sklearn.model_selection import train_test_split
@@ -51,6 +51,17 @@ def sample_probe(idx: np.ndarray, labels: np.ndarray, max_items: int, folds: int
     return drop_small_classes(idx[order], labels[order], folds)
 
 
+def used_columns(x: sp.spmatrix) -> sp.csr_matrix:
+    """``x`` without the columns that are zero in every row.
+
+    Why: lbfgs keeps 10 pairs of (classes x features) history vectors, so a sparse vocabulary costs memory
+    by its full width: TF-IDF's 163,339 columns x 400 classes took the 40k-item pipeline's evaluate to
+    18.8 GB RSS. A column that is zero in every probe item gets a zero coefficient under the L2 penalty
+    (its data gradient is zero), so dropping it leaves the fit and its predictions as they were."""
+    x = sp.csr_matrix(x)
+    return x[:, np.flatnonzero(x.getnnz(axis=0))]
+
+
 def category_probe(vectors: np.ndarray | sp.spmatrix, labels: np.ndarray, folds: int = 5, seed: int = 0) -> dict[str, Any]:
     """Cross-validated logistic regression of ``labels`` from L2-normalised ``vectors``."""
     from sklearn.linear_model import LogisticRegression
@@ -60,7 +71,7 @@ def category_probe(vectors: np.ndarray | sp.spmatrix, labels: np.ndarray, folds:
     classes = len(np.unique(labels))
     if classes < 2 or len(labels) < folds:
         return {"accuracy": None, "macro_f1": None, "items": int(len(labels)), "classes": int(classes)}
-    x = normalize(vectors if sp.issparse(vectors) else np.asarray(vectors, dtype=np.float64))
+    x = normalize(used_columns(vectors) if sp.issparse(vectors) else np.asarray(vectors, dtype=np.float64))
     cv = StratifiedKFold(folds, shuffle=True, random_state=seed)
     res = cross_validate(LogisticRegression(max_iter=2000), x, labels, cv=cv, scoring=("accuracy", "f1_macro"))
     return {
