@@ -115,7 +115,7 @@ def _worker(rank, world, port, q_all, d_all, ids_q, ids_d, out):
         d = d_all[rank * b : (rank + 1) * b].clone().requires_grad_(True)
         loss = info_nce(q, d, 0.07, q_ids=ids_q[rank * b : (rank + 1) * b], d_ids=ids_d[rank * b : (rank + 1) * b])
         loss.backward()
-        out[rank] = (float(loss), q.grad.clone(), d.grad.clone())
+        out[rank] = (loss.item(), q.grad.clone(), d.grad.clone())
         dist.barrier()  # leave together: tearing gloo down under a connected peer can abort
     finally:
         dist.destroy_process_group()
@@ -138,7 +138,7 @@ def test_all_gather_info_nce_equals_single_process():
     mp.spawn(_worker, args=(world, _free_port(), q_all, d_all, ids_q, ids_d, out), nprocs=world, join=True)
     losses = [out[r][0] for r in range(world)]
     # mean over workers (what DDP's gradient averaging optimises) == the global-batch loss
-    assert np.mean(losses) == pytest.approx(float(single), rel=1e-9)
+    assert np.mean(losses) == pytest.approx(single.item(), rel=1e-9)
     # each worker's input gradient (summed over every worker's loss by the gather's backward),
     # averaged over workers as DDP does, equals the single-process gradient rows
     for r in range(world):
@@ -164,4 +164,4 @@ def test_masked_lm_loss_is_the_summed_nll_of_the_full_head():
     labels[0, 1], labels[1, 3], labels[2, 2] = 7, 9, 11
     ours = MaskedLMLoss(mlm)(input_ids=ids, attention_mask=mask, labels=labels)
     ref = mlm(input_ids=ids, attention_mask=mask, labels=labels).loss * 3
-    assert float(ours) == pytest.approx(float(ref), rel=1e-5)
+    assert ours.item() == pytest.approx(ref.item(), rel=1e-5)
