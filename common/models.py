@@ -3,7 +3,9 @@
 An exported model directory (``<lake>/models/<run>/``) holds the Hugging Face files (``config.json``,
 ``model.safetensors``, tokenizer files) plus ``prodrep.json`` (see :data:`META_KEYS`). ``kind`` is one of
 
-* ``mlm`` / ``pretrained``: a text encoder; item vector = pooled last hidden state, L2-normalised;
+* ``mlm`` / ``pretrained``: a text encoder; item vector = pooled last hidden state, L2-normalised; an
+  ``mlm`` export may carry a whitening of the pooled vectors (``whitening.npz``, ``meta["whitening"]``,
+  :mod:`common.whitening`), applied before normalising;
 * ``fusion``: a text encoder, optionally a lexical block (``lexical.json``, see :mod:`common.lexical`)
   whose TF-IDF vector is concatenated to the normalised pooled vector (``meta["lexical"]`` holds its
   size and the dense weight), plus ``id_embeddings.parquet``: behaviour vectors added to that text
@@ -43,6 +45,7 @@ import pyarrow as pa
 from common.config import InputError
 from common import scoring
 from common.lexical import Lexical, text_vectors
+from common.whitening import WHITENING_FILE, Whitening
 from common.text import DEFAULT_TEMPLATE
 from common.vectors import l2_normalize
 
@@ -61,7 +64,7 @@ REQUIRED_META = ("kind", "model_version", "dim")
 REQUIRED_TEXT_META = ("pooling", "max_length")
 META_KEYS = (
     "format", "kind", "model_version", "pooling", "max_length", "dim", "normalize", "tokenizer_hash",
-    "text_template", "inputs", "metrics", "config", "code_version", "created_at", "lexical", "scoring",
+    "text_template", "inputs", "metrics", "config", "code_version", "created_at", "lexical", "scoring", "whitening",
 )  # fmt: skip
 VECTOR_SCHEMA = pa.schema([pa.field("item_id", pa.string(), False), pa.field("embedding", pa.list_(pa.float32()), False)])
 
@@ -137,6 +140,7 @@ def _full_meta(meta: Mapping[str, Any]) -> dict[str, Any]:
         "lexical": None,  # fusion: {"vocab_size": V[, "dim": k, "projection": "tfidf-lsa"], "dense_weight": w}
         "created_at": datetime.now(timezone.utc).isoformat(),
         "scoring": {"type": "cosine"},  # softmax: SoftmaxHead.describe() (common.scoring)
+        "whitening": None,  # mlm: Whitening.describe() (common.whitening)
     }
     out.update(meta)
     out["dim"] = int(out["dim"])
@@ -169,6 +173,7 @@ def save_export(
     id_embeddings: Any = None,
     lexical: Any = None,
     head: Any = None,
+    whitening: Whitening | None = None,
 ) -> str:
     """Write an exported model directory; returns its path.
 
@@ -177,7 +182,8 @@ def save_export(
     ``item_vectors`` (kind id) and ``id_embeddings`` (kind fusion) may be an Arrow table / DataFrame
     with item_id + embedding, a mapping id -> vector, or an ``(ids, matrix)`` pair; ``lexical`` (kind
     fusion, softmax) a :class:`common.lexical.Lexical`, recorded in ``meta["lexical"]``; ``head`` (kind
-    softmax, required there) a :class:`common.scoring.SoftmaxHead`, recorded in ``meta["scoring"]``. ``prodrep.json``
+    softmax, required there) a :class:`common.scoring.SoftmaxHead`, recorded in ``meta["scoring"]``; ``whitening``
+    (kind mlm) a :class:`common.whitening.Whitening` of the pooled vectors, recorded in ``meta["whitening"]``. ``prodrep.json``
     is written last, so its presence marks a complete export.
     """
     full = _full_meta(meta)
@@ -191,6 +197,12 @@ def save_export(
         full["lexical"] = {**lexical.describe(), "dense_weight": float(weight)}
     if (head is not None) != (kind == "softmax"):
         raise InputError("save_export: kind 'softmax' needs a head (common.scoring.SoftmaxHead), and only it takes one")
+    if whitening is not None:
+        if kind != "mlm":
+            raise InputError(f"save_export: only kind 'mlm' carries a whitening, not {kind!r}")
+        if len(whitening.mean) != dim:
+            raise InputError(f"save_export: the whitening is {len(whitening.mean)}-dimensional but meta dim={dim}")
+        full["whitening"] = whitening.describe()
     if head is not None:
         full["scoring"] = head.describe()
         if head.dim != dim:
@@ -230,6 +242,8 @@ def save_export(
         lexical.save(path)
     if head is not None:
         head.save(path)
+    if whitening is not None:
+        whitening.save(path)
     tmp = path / (META_FILE + ".tmp")
     tmp.write_text(json.dumps(full, indent=2, default=str))
     tmp.replace(path / META_FILE)
@@ -368,6 +382,7 @@ class TextEncoder:
         self.dense_weight = 1.0
         self.hidden = self.dim
         self.head = None  # kind softmax: common.scoring.SoftmaxHead
+        self.whitening: Whitening | None = None
         self.scoring = scoring.declared(meta)
         p = Path(model_dir)
         if self.kind == "id":
@@ -386,6 +401,10 @@ class TextEncoder:
         if (self.lexical is None) != (not lex_meta):
             raise InputError(f"{p}: prodrep.json 'lexical' and the presence of lexical.json disagree (a partial copy?)")
         self.dense_weight = float(lex_meta.get("dense_weight", 1.0))
+        if meta.get("whitening"):
+            if not (p / WHITENING_FILE).exists():
+                raise InputError(f"{p}: prodrep.json has a whitening but {WHITENING_FILE} is missing (a partial copy?)")
+            self.whitening = Whitening.load(p)
         self.hidden = int(getattr(self.model.config, "hidden_size", self.dim))
         lex_dims = self.lexical.size if self.lexical is not None else 0
         text_dim = self.dim
@@ -456,8 +475,12 @@ class TextEncoder:
     def embed(self, texts: Sequence[str], batch_size: int = 256, progress: bool = False) -> np.ndarray:
         """Embed texts -> (n, dim) float32, L2-normalised, in input order. With a lexical block:
         :func:`common.lexical.text_vectors`, unit-norm except for a text with no known term (norm w).
-        Kind softmax: the text features its head reads (``(n, head.text_dim)``)."""
-        return text_vectors(self._pooled(texts, batch_size, progress), self.lexical, texts, self.dense_weight)
+        Kind softmax: the text features its head reads (``(n, head.text_dim)``). A whitened export
+        (:mod:`common.whitening`) whitens the pooled vectors first."""
+        pooled = self._pooled(texts, batch_size, progress)
+        if self.whitening is not None:
+            pooled = self.whitening.apply(pooled)
+        return text_vectors(pooled, self.lexical, texts, self.dense_weight)
 
     @property
     def asymmetric(self) -> bool:

@@ -88,6 +88,10 @@ class MLMConfig(JobConfig):
     log_interval: int = option(10, "steps between training log lines")
     stop_at_step: int = option(0, "stop (checkpointed, no export) at this step, as if interrupted; 0 = off")
     shards_version: int | None = option(None, "text_shards Delta version to read; unset = latest")
+    whiten: bool = option(True, "ship a whitening of the pooled vectors with the export, fitted by rank 0 on up to "
+                                "whiten_max_rows training texts (common.whitening): the own embedding's val Recall@20 on "
+                                "Online Retail 0.055 -> 0.108")  # fmt: skip
+    whiten_max_rows: int = option(20000, "training texts the whitening is fitted on, at most")
     smoke_test: bool = option(False, "check the set-up end to end in seconds: tiny preset from scratch, 2 steps of 8 "
                               "sequences, a fresh run named <run>-smoke (as Ray's examples' --smoke-test)")  # fmt: skip
 
@@ -98,6 +102,7 @@ class MLMConfig(JobConfig):
             "grad_accum": self.grad_accum, "eval_interval": self.eval_interval,
             "checkpoint_interval": self.checkpoint_interval, "keep_checkpoints": self.keep_checkpoints,
             "log_interval": self.log_interval, "max_eval_rows": self.max_eval_rows, "pack_length": self.pack_length,
+            "whiten_max_rows": self.whiten_max_rows,
         }  # fmt: skip
         for name, v in positive.items():
             if v < 1:
@@ -286,6 +291,8 @@ def train_mlm(cfg: MLMConfig) -> dict[str, Any]:
     if cfg.restart and not lk.is_remote(storage):
         shutil.rmtree(Path(storage) / cfg.name, ignore_errors=True)
     datasets = read_text_splits(cfg.lake, info.version)
+    if cfg.whiten:  # not split: rank 0 reads it whole to fit the export's whitening
+        datasets["whiten"] = datasets["train"].limit(cfg.whiten_max_rows)
     worker = MLMWorkerConfig(
         job=cfg, warmup_steps=scaled_warmup(cfg.warmup_steps, cfg.max_steps), threads=max(1, int(cfg.cpus_per_worker)),
         tokenizer_dir=info.tokenizer_dir, tokenizer_hash=info.tokenizer_hash, vocab_size=info.vocab_size,
@@ -297,7 +304,7 @@ def train_mlm(cfg: MLMConfig) -> dict[str, Any]:
         cpus_per_worker=cfg.cpus_per_worker, datasets=datasets,
         # preserve_order: a worker sees the same rows in the same order on every run, so a resumed
         # run continues exactly where it stopped
-        dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
+        dataset_config=DataConfig(datasets_to_split=["train", "val"], execution_options=ExecutionOptions(preserve_order=True)),
         keep_checkpoints=cfg.keep_checkpoints, max_failures=cfg.max_failures,
     )
     result = trainer.fit()

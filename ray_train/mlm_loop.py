@@ -323,7 +323,8 @@ def _finish(w: _Worker, state: MLMLoopState, stopped_early: bool) -> None:
         "stopped_early": stopped_early, "final_loss": state.last_loss(),
     }  # fmt: skip
     if w.rank == 0:
-        final["model_dir"] = _export(w.mlm, w.tok, w.cfg, final, state.history)
+        whitening = _fit_whitening(w) if w.cfg.job.whiten else None
+        final["model_dir"] = _export(w.mlm, w.tok, w.cfg, final, state.history, whitening)
     # the last checkpoint carries the final metrics: Train V2's Result.metrics are the latest checkpoint's
     _report({**final, "step": state.step, "exported": True}, w.rank, w.checkpoint(state))
 
@@ -335,7 +336,47 @@ def _report(metrics: dict[str, Any], rank: int, state: dict[str, Any] | None) ->
     report_checkpoint(metrics, rank, state, STATE_FILE)
 
 
-def _export(mlm: Any, tok: Any, cfg: MLMWorkerConfig, final: dict[str, Any], history: list[dict[str, Any]]) -> str:
+def _fit_whitening(w: _Worker) -> Any:
+    """Rank 0: a :class:`common.whitening.Whitening` of the trained encoder's mean-pooled vectors of the
+    ``whiten`` dataset (training texts, not split across workers); None when it has fewer than 2 texts."""
+    import ray.train
+    import torch
+
+    from common.models import pool
+    from common.whitening import Whitening
+    from ray_train.data import arrow_to_seqs
+
+    seqs: list[np.ndarray] = []
+    for b in ray.train.get_dataset_shard("whiten").iter_batches(batch_size=1024, batch_format="pyarrow"):
+        seqs.extend(arrow_to_seqs(b.column("input_ids")))
+    if len(seqs) < 2:
+        log.warning("whitening skipped: %d training text(s) to fit it on", len(seqs))
+        return None
+    seqs.sort(key=len)  # batches of similar length: little padding
+    pad = w.tok.pad_token_id if w.tok.pad_token_id is not None else 0
+    encoder = w.mlm.base_model  # the encoder an export loads (AutoModel), without the MLM head
+    pooled = []
+    was_training = encoder.training
+    encoder.eval()
+    with torch.inference_mode():
+        for s in range(0, len(seqs), 256):
+            batch = seqs[s : s + 256]
+            width = max(len(x) for x in batch)
+            ids = np.full((len(batch), width), pad, dtype=np.int64)
+            mask = np.zeros((len(batch), width), dtype=np.int64)
+            for r, x in enumerate(batch):
+                ids[r, : len(x)], mask[r, : len(x)] = x, 1
+            attn = torch.from_numpy(mask).to(w.device)
+            hidden = encoder(input_ids=torch.from_numpy(ids).to(w.device), attention_mask=attn).last_hidden_state
+            pooled.append(pool(hidden.float(), attn, "mean").cpu().numpy())
+    encoder.train(was_training)
+    whitening = Whitening.fit(np.concatenate(pooled))
+    log.info("whitening fitted on %d training texts", whitening.fitted_on)
+    return whitening
+
+
+def _export(mlm: Any, tok: Any, cfg: MLMWorkerConfig, final: dict[str, Any], history: list[dict[str, Any]],
+            whitening: Any = None) -> str:  # fmt: skip
     """Rank 0 writes the HF dir + prodrep.json + metrics.jsonl (common.models.save_export)."""
     from common.models import new_model_version, save_export
     from ray_train.runtime import write_export
@@ -358,6 +399,6 @@ def _export(mlm: Any, tok: Any, cfg: MLMWorkerConfig, final: dict[str, Any], his
         with open(Path(local) / METRICS_FILE, "w") as f:
             for rec in history:
                 f.write(json.dumps(rec) + "\n")
-        save_export(local, meta, model=mlm, tokenizer=tok)
+        save_export(local, meta, model=mlm, tokenizer=tok, whitening=whitening)
 
     return write_export(cfg.export_dir, write)

@@ -239,6 +239,10 @@ def test_train_mlm_two_workers_loss_falls_and_exports(corpus, ray_local, tmp_pat
     assert ppl < 0.9 * res["val_ppl_before"], (ppl, res)
     vec = load_encoder(str(d)).embed(["white hanging heart t-light holder"])
     assert vec.shape == (1, 64) and abs(float(np.linalg.norm(vec)) - 1) < 1e-4
+    # rank 0 fitted the whitening on every usable train text (the "whiten" dataset is not split)
+    shards = lk.read_pandas(corpus["lake"], "text_shards")
+    usable = (shards["split"] == "train") & ~shards["empty_text"] & (shards["n_tokens"] >= 3)
+    assert meta["whitening"]["fitted_on"] == int(usable.sum()) and meta["whitening"]["dim"] == 64
     # evaluate's perplexity reads the held-out texts through the model's own tokenizer: text_shards
     # re-tokenized by another model (ids far outside this vocabulary) must not break or change it
     from prodrep.evaluate import perplexities

@@ -67,6 +67,51 @@ def unit(x):
     return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
+def test_whitening_decorrelates_and_scales_the_fitted_vectors(tmp_path):
+    from common.whitening import Whitening
+
+    rng = np.random.default_rng(0)
+    # anisotropic: a large shared offset plus correlated directions of very different scale
+    x = 5.0 + rng.normal(size=(400, 6)) @ np.diag([10.0, 3.0, 1.0, 0.5, 0.2, 0.1]) @ np.linalg.qr(rng.normal(size=(6, 6)))[0]
+    w = Whitening.fit(x, eps=0.0)
+    z = w.apply(x)
+    np.testing.assert_allclose(z.mean(axis=0), 0.0, atol=1e-4)
+    np.testing.assert_allclose(np.cov(z, rowvar=False, bias=True), np.eye(6), atol=1e-3)
+    # eps floors each variance at eps x the mean variance: the small directions are not blown up
+    floored = np.cov(Whitening.fit(x, eps=0.1).apply(x), rowvar=False, bias=True)
+    var = np.sort(np.linalg.eigvalsh(np.cov(x, rowvar=False, bias=True)))[::-1]
+    np.testing.assert_allclose(np.sort(np.diag(floored))[::-1], var / (var + 0.1 * var.mean()), atol=1e-3)
+    # fewer vectors than dimensions: the unseen directions get no weight, nothing is infinite
+    few = Whitening.fit(x[:3], eps=0.0)
+    assert np.isfinite(few.matrix).all() and np.linalg.matrix_rank(few.matrix) <= 3
+    with pytest.raises(ValueError, match="at least 2"):
+        Whitening.fit(x[:1])
+    w.save(tmp_path)
+    back = Whitening.load(tmp_path)
+    np.testing.assert_array_equal(back.matrix, w.matrix)
+    assert (back.fitted_on, back.eps) == (400, 0.0)
+
+
+def test_whitened_export_embeds_whitened_pooled_vectors(tmp_path):
+    from common.whitening import WHITENING_FILE, Whitening
+
+    model, tok = tiny_bert(0)
+    pooled = reference(model, tok, TEXTS)
+    w = Whitening.fit(pooled)
+    d, model, tok = export_tiny(tmp_path / "m", whitening=w)
+    meta = read_meta(d)
+    assert meta["whitening"] == {"method": "pca-whitening", "dim": 32, "fitted_on": len(TEXTS), "eps": 0.1}
+    got = load_encoder(d, device="cpu").embed(TEXTS, batch_size=3)
+    np.testing.assert_allclose(got, unit(w.apply(pooled)), atol=1e-4)
+    plain = load_encoder(export_tiny(tmp_path / "plain")[0], device="cpu").embed(TEXTS)
+    assert np.abs(got - plain).max() > 0.1  # the whitening changed the vectors
+    with pytest.raises(InputError, match="only kind 'mlm' carries a whitening"):
+        export_tiny(tmp_path / "f", kind="fusion", whitening=w, lexical=None)
+    (Path(d) / WHITENING_FILE).unlink()
+    with pytest.raises(InputError, match="whitening.npz is missing"):
+        load_encoder(d, device="cpu")
+
+
 @pytest.mark.parametrize("pooling", ["mean", "cls"])
 def test_export_roundtrip_matches_reference(tmp_path, pooling):
     d, model, tok = export_tiny(tmp_path / "m", pooling=pooling)
