@@ -64,7 +64,9 @@ def reference(model, tok, texts, pooling="mean", max_length=64):
 
 
 def unit(x):
-    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+    """Rows scaled to unit length; an all-zero row stays zero (as the encoder and lexical block keep it)."""
+    n = np.linalg.norm(x, axis=-1, keepdims=True)
+    return x / np.where(n == 0, 1.0, n)
 
 
 def test_whitening_decorrelates_and_scales_the_fitted_vectors(tmp_path):
