@@ -88,7 +88,7 @@ class MLMConfig(JobConfig):
     log_interval: int = option(10, "steps between training log lines")
     stop_at_step: int = option(0, "stop (checkpointed, no export) at this step, as if interrupted; 0 = off")
     shards_version: int | None = option(None, "text_shards Delta version to read; unset = latest")
-    whiten: bool = option(True, "ship a whitening of the pooled vectors with the export, fitted by rank 0 on up to "
+    whiten: bool = option(True, "ship a whitening of the pooled vectors with the export, fitted after training on up to "
                                 "whiten_max_rows training texts (common.whitening): the own embedding's val Recall@20 on "
                                 "Online Retail 0.055 -> 0.108")  # fmt: skip
     whiten_max_rows: int = option(20000, "training texts the whitening is fitted on, at most")
@@ -291,7 +291,7 @@ def train_mlm(cfg: MLMConfig) -> dict[str, Any]:
     if cfg.restart and not lk.is_remote(storage):
         shutil.rmtree(Path(storage) / cfg.name, ignore_errors=True)
     datasets = read_text_splits(cfg.lake, info.version)
-    if cfg.whiten:  # not split: rank 0 reads it whole to fit the export's whitening
+    if cfg.whiten:  # not split: every worker reads it whole and pools its share for the export's whitening
         datasets["whiten"] = datasets["train"].limit(cfg.whiten_max_rows)
     worker = MLMWorkerConfig(
         job=cfg, warmup_steps=scaled_warmup(cfg.warmup_steps, cfg.max_steps), threads=max(1, int(cfg.cpus_per_worker)),

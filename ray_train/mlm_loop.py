@@ -322,8 +322,8 @@ def _finish(w: _Worker, state: MLMLoopState, stopped_early: bool) -> None:
         "val_ppl_before": state.ppl_before, "val_ppl_after": ppl_after, "best_step": state.best_step, "steps": state.step,
         "stopped_early": stopped_early, "final_loss": state.last_loss(),
     }  # fmt: skip
+    whitening = _fit_whitening(w) if w.cfg.job.whiten else None  # collective: every rank pools a slice
     if w.rank == 0:
-        whitening = _fit_whitening(w) if w.cfg.job.whiten else None
         final["model_dir"] = _export(w.mlm, w.tok, w.cfg, final, state.history, whitening)
     # the last checkpoint carries the final metrics: Train V2's Result.metrics are the latest checkpoint's
     _report({**final, "step": state.step, "exported": True}, w.rank, w.checkpoint(state))
@@ -337,14 +337,15 @@ def _report(metrics: dict[str, Any], rank: int, state: dict[str, Any] | None) ->
 
 
 def _fit_whitening(w: _Worker) -> Any:
-    """Rank 0: a :class:`common.whitening.Whitening` of the trained encoder's mean-pooled vectors of the
-    ``whiten`` dataset (training texts, not split across workers); None when it has fewer than 2 texts."""
+    """Every rank: a :class:`common.whitening.Whitening` of the trained encoder's mean-pooled vectors of the
+    ``whiten`` dataset (training texts, not split, so each worker holds them all in the same order);
+    None when it has fewer than 2 texts. The pooling is shared out and all-gathered
+    (:func:`ray_train.items_fusion.pool_all`), so every rank must call it."""
     import ray.train
-    import torch
 
-    from common.models import pool
     from common.whitening import Whitening
     from ray_train.data import arrow_to_seqs
+    from ray_train.items_fusion import TextTower, pool_all
 
     seqs: list[np.ndarray] = []
     for b in ray.train.get_dataset_shard("whiten").iter_batches(batch_size=1024, batch_format="pyarrow"):
@@ -352,26 +353,12 @@ def _fit_whitening(w: _Worker) -> Any:
     if len(seqs) < 2:
         log.warning("whitening skipped: %d training text(s) to fit it on", len(seqs))
         return None
-    seqs.sort(key=len)  # batches of similar length: little padding
     pad = w.tok.pad_token_id if w.tok.pad_token_id is not None else 0
-    encoder = w.mlm.base_model  # the encoder an export loads (AutoModel), without the MLM head
-    pooled = []
-    was_training = encoder.training
-    encoder.eval()
-    with torch.inference_mode():
-        for s in range(0, len(seqs), 256):
-            batch = seqs[s : s + 256]
-            width = max(len(x) for x in batch)
-            ids = np.full((len(batch), width), pad, dtype=np.int64)
-            mask = np.zeros((len(batch), width), dtype=np.int64)
-            for r, x in enumerate(batch):
-                ids[r, : len(x)], mask[r, : len(x)] = x, 1
-            attn = torch.from_numpy(mask).to(w.device)
-            hidden = encoder(input_ids=torch.from_numpy(ids).to(w.device), attention_mask=attn).last_hidden_state
-            pooled.append(pool(hidden.float(), attn, "mean").cpu().numpy())
-    encoder.train(was_training)
-    whitening = Whitening.fit(np.concatenate(pooled))
-    log.info("whitening fitted on %d training texts", whitening.fitted_on)
+    # the encoder an export loads (AutoModel), without the MLM head
+    tower = TextTower(w.mlm.base_model, "mean", 1.0, False)
+    whitening = Whitening.fit(pool_all(tower, seqs, pad, w.device, w.rank, w.world).cpu().numpy())
+    if w.rank == 0:
+        log.info("whitening fitted on %d training texts", whitening.fitted_on)
     return whitening
 
 
