@@ -143,6 +143,19 @@ COOCCURRENCE = TableSchema(
     doc="Item-item co-occurrence over train sessions.",
 )
 
+CUSTOMER_COOCCURRENCE = TableSchema(
+    "customer_cooccurrence",
+    (
+        Column("item_a", pa.string(), False, "First item (both orders are stored: the matrix is symmetric)."),
+        Column("item_b", pa.string(), False, "Second item, != item_a."),
+        Column("customers", pa.int64(), False, "Known customers who bought both items in their train sessions (after the cap)."),
+        Column("weight", pa.float64(), False, "Sum over those customers of r/(m-1): m their distinct items (after the cap), r their newest train session's recency."),
+        Column("bucket", pa.int32(), False, "Hash bucket of item_a (partition column)."),
+    ),
+    partition_by=("bucket",),
+    doc="Item-item co-occurrence across a customer's train sessions (one pseudo-basket per customer).",
+)
+
 TEXT_SHARDS = TableSchema(
     "text_shards",
     (
@@ -213,7 +226,7 @@ REASONS: dict[str, str] = {
 
 TABLES: dict[str, TableSchema] = {
     t.name: t
-    for t in (EVENTS, CATALOG, QUARANTINE, SESSIONS, COOCCURRENCE, TEXT_SHARDS, ITEM_EMBEDDINGS, ITEM_NEIGHBORS)
+    for t in (EVENTS, CATALOG, QUARANTINE, SESSIONS, COOCCURRENCE, CUSTOMER_COOCCURRENCE, TEXT_SHARDS, ITEM_EMBEDDINGS, ITEM_NEIGHBORS)
 }
 
 

@@ -83,9 +83,10 @@ def run(cfg: PipelineConfig) -> int:
     install_log_filters()
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
-    spark = get_spark("prodrep-pipeline") if any(s in wanted for s in ("ingest", "sessions", "cooccur", "tokenize", "embed", "neighbors")) else None
+    spark = get_spark("prodrep-pipeline") if any(s in SPARK_STAGES for s in wanted) else None
     prefetch = _STATE["prefetch"] = Prefetch(lake, cfg)
     start_after = prefetch_start(wanted)
+    release_after = spark_release_after(wanted)
     try:
         if start_after == -1:
             prefetch.start()
@@ -95,6 +96,11 @@ def run(cfg: PipelineConfig) -> int:
             _timed(stage, lambda: runner(spark, lake, cfg), timings)
             if i == start_after:
                 prefetch.start()
+            if i == release_after and spark is not None:
+                # evaluate runs on the driver alone: the JVM and the Python workers embed left holding the
+                # encoder (about 1 GB each) were most of its peak at 40k items
+                spark.stop()
+                spark = None
     finally:
         prefetch.stop()
     total = time.perf_counter() - t0
@@ -108,6 +114,14 @@ COMMAND = Command(PipelineConfig, lambda cfg, _args: run(cfg))
 
 
 INPUT_STAGES = ("ingest", "sessions")  # the stages writing what evaluate's gensim fits read
+SPARK_STAGES = ("ingest", "sessions", "cooccur", "tokenize", "embed", "neighbors")
+
+
+def spark_release_after(wanted: Sequence[str]) -> int | None:
+    """Index of the stage in ``wanted`` after which the pipeline stops Spark: its last Spark stage, when a
+    stage without Spark still follows (None: Spark is needed to the end, or never started)."""
+    last = max((i for i, s in enumerate(wanted) if s in SPARK_STAGES), default=None)
+    return last if last is not None and last < len(wanted) - 1 else None
 
 
 def prefetch_start(wanted: Sequence[str]) -> int | None:

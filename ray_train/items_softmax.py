@@ -8,8 +8,9 @@ and items with history learn ID parts. For a query ``i`` and a candidate ``j``::
 
 trained with a **full softmax over the train items** against the target distribution of the row
 ``C_i`` of the basket-normalised co-occurrence matrix (the ``weight`` column: each basket of ``m``
-items adds ``r/(m-1)`` per pair, ``r`` its recency weight, so a basket has the same mass per item),
-rows weighted by their mass: ``loss = -sum_ij C_ij log softmax(s_i)_j / sum_ij C_ij``. A full softmax is affordable at
+items adds ``r/(m-1)`` per pair, ``r`` its recency weight, so a basket has the same mass per item;
+plus ``customer_weight`` x the ``customer_cooccurrence`` weights, the same over one pseudo-basket per
+customer), rows weighted by their mass: ``loss = -sum_ij C_ij log softmax(s_i)_j / sum_ij C_ij``. A full softmax is affordable at
 10^4-10^5 items and has none of negative sampling's bias; it keeps popularity in the candidate side
 (``b_j``), which cosine models cannot. Each side drops its ID parts (``e_i``, or ``u_j`` and
 ``b_j``) with probability ``id_dropout`` in training, so "text alone" retrieval (a cold item, as

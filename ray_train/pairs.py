@@ -69,11 +69,11 @@ def keep_probability(freq: np.ndarray, sample: float) -> np.ndarray:
 class _IndexPairs:
     """Ray Data map: cooccurrence rows -> (a, b, w) with vocabulary indices and the sampling signal."""
 
-    def __init__(self, item_ids: list[str], keep: np.ndarray, signal: str, power: float):
+    def __init__(self, item_ids: list[str], keep: np.ndarray, signal: str, power: float, scale: float = 1.0):
         import pyarrow as pa
 
         self.values = pa.array(item_ids, pa.string())
-        self.keep, self.signal, self.power = keep, signal, power
+        self.keep, self.signal, self.power, self.scale = keep, signal, power, scale
 
     def __call__(self, batch: "pa.Table") -> dict[str, np.ndarray]:
         import pyarrow.compute as pc
@@ -84,7 +84,7 @@ class _IndexPairs:
         a = a[ok].astype(np.int64)
         b = b[ok].astype(np.int64)
         w = batch[self.signal].to_numpy(zero_copy_only=False).astype(np.float64)[ok]
-        w = np.power(np.maximum(w, 0.0), self.power) * self.keep[a] * self.keep[b]
+        w = self.scale * np.power(np.maximum(w, 0.0), self.power) * self.keep[a] * self.keep[b]
         return {"a": a, "b": b, "w": w}
 
 
@@ -163,10 +163,18 @@ def pair_dataset(
     return pairs.random_shuffle(seed=seed).materialize()
 
 
-def cooc_weights(lake: str, vocab: pd.DataFrame, signal: PairSignal = "weight", version: int | None = None):
-    """Every cooccurrence row between vocabulary items as ``(a, b, w)`` (indices, raw ``signal``), lazily."""
-    raw = read_ray(lake, "cooccurrence", version=version, columns=["item_a", "item_b", signal])
-    return raw.map_batches(_IndexPairs(list(vocab["item_id"]), np.ones(len(vocab)), signal, 1.0), batch_format="pyarrow")
+def cooc_weights(
+    lake: str,
+    vocab: pd.DataFrame,
+    signal: PairSignal = "weight",
+    version: int | None = None,
+    table: str = "cooccurrence",
+    scale: float = 1.0,
+):
+    """Every row of ``table`` (``cooccurrence`` or ``customer_cooccurrence``) between vocabulary items as
+    ``(a, b, w)``: indices and ``scale`` x the raw ``signal``, lazily."""
+    raw = read_ray(lake, table, version=version, columns=["item_a", "item_b", signal])
+    return raw.map_batches(_IndexPairs(list(vocab["item_id"]), np.ones(len(vocab)), signal, 1.0, scale), batch_format="pyarrow")
 
 
 def item_texts(lake: str, vocab: pd.DataFrame, template: str, version: int | None = None) -> pd.DataFrame:

@@ -4,6 +4,7 @@ tests/test_sessions.py::test_lake_round_trip_without_leakage."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import random
@@ -210,3 +211,60 @@ def test_recency_decay_weights_each_basket_by_its_age(spark, path, half_life):
     assert max(abs(want[k]["weight"] - plain[k]["weight"]) for k in want) > 0.1  # the decay changes weight
     newest = max(start_ts(i) for i, (_, _, split) in enumerate(data) if split == "train")
     assert stats["newest_session_epoch_s"] == newest.timestamp()
+
+
+def user_of(i: int) -> str | None:
+    """Session ``i``'s customer: four customers, every fifth session anonymous."""
+    return None if i % 5 == 4 else f"u{i % 4}"
+
+
+def customer_reference(sessions, cap: int, min_customers: int, half_life_days: float):
+    """customer_cooccurrence with Counter: one pseudo-basket per customer (the distinct items of their
+    train sessions), capped by sha256(user_id + '\\x1f' + item), r = recency of their newest train session."""
+    newest = max(start_ts(i) for i, (_, _, split) in enumerate(sessions) if split == "train")
+    items: dict = defaultdict(dict)
+    last: dict = {}
+    for i, (_, its, split) in enumerate(sessions):
+        user = user_of(i)
+        if split != "train" or user is None:
+            continue
+        items[user].update(dict.fromkeys(its))
+        last[user] = max(last.get(user, start_ts(i)), start_ts(i))
+    customers: Counter = Counter()
+    weight: dict = defaultdict(float)
+    for user, its in items.items():
+        kept = list(its)
+        if cap and len(kept) > cap:
+            kept = sorted(kept, key=lambda x: hashlib.sha256(f"{user}\x1f{x}".encode()).hexdigest())[:cap]
+        r = 0.5 ** ((newest - last[user]).total_seconds() / 86400 / half_life_days)
+        for a, b in permutations(kept, 2):
+            customers[a, b] += 1
+            weight[a, b] += r / (len(kept) - 1)
+    return {k: (c, weight[k]) for k, c in customers.items() if c >= min_customers}, newest
+
+
+@pytest.mark.parametrize("cap, min_customers", [(0, 1), (6, 2)])
+def test_customer_table_matches_counter_reference(spark, cap, min_customers):
+    """A customer's train sessions pool into one basket: pairs bought in different orders count, test/val
+    sessions and anonymous ones do not."""
+    data = make_sessions()
+    df = spark.createDataFrame(
+        [(sid, user_of(i), items, split, start_ts(i)) for i, (sid, items, split) in enumerate(data)],
+        "session_id string, user_id string, item_ids array<string>, split string, start_ts timestamp",
+    )
+    cfg = C.CooccurrenceConfig(lake="unused", explode_partitions=2, max_session_items=cap, customer_min_count=min_customers, half_life_days=3.0)
+    want, newest = customer_reference(data, cap, min_customers, 3.0)
+    out, stats = C.customer_cooccurrence(C.cap_sessions(C.customer_baskets(df), cap), cfg, newest.timestamp())
+    got = {(r.item_a, r.item_b): r for r in out.collect()}
+    assert set(got) == set(want) and stats["train_sessions"] == 4
+    for key, (customers, weight) in want.items():
+        assert got[key].customers == customers and got[key].weight == pytest.approx(weight, rel=1e-12), key
+    two_orders = spark.createDataFrame(
+        [("o1", "u", ["q", "p"], "train", T0), ("o2", "u", ["r", "p"], "train", T0), ("o3", "v", ["q", "r"], "test", T0)],
+        df.schema,
+    )
+    got, _ = C.customer_cooccurrence(C.cap_sessions(C.customer_baskets(two_orders), 0), dataclasses.replace(cfg, customer_min_count=1), T0.timestamp())
+    assert sorted((r.item_a, r.item_b, r.customers, r.weight) for r in got.collect() if r.item_a < r.item_b) == [
+        ("p", "q", 1, 0.5), ("p", "r", 1, 0.5), ("q", "r", 1, 0.5)]  # q-r: never in one order, bought by one customer
+    no_users = C.customer_baskets(to_df(spark, data))
+    assert no_users.count() == 0

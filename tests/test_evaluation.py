@@ -435,3 +435,12 @@ def test_pipeline_starts_the_prefetch_once_its_inputs_exist():
     assert prefetch_start(["ingest", "cooccur", "evaluate"]) == 0
     assert prefetch_start(["ingest", "sessions", "evaluate"]) is None  # nothing to overlap with
     assert prefetch_start(["ingest", "sessions", "cooccur"]) is None and prefetch_start(["evaluate"]) is None
+
+
+def test_pipeline_stops_spark_after_its_last_spark_stage():
+    from prodrep.pipeline import STAGES, spark_release_after
+
+    assert STAGES[spark_release_after(list(STAGES))] == "neighbors"  # evaluate runs without the JVM
+    assert spark_release_after(["ingest", "train-items", "evaluate"]) == 0
+    assert spark_release_after(["train-items", "evaluate"]) is None  # Spark never started
+    assert spark_release_after(["ingest", "sessions"]) is None  # still needed by the last stage

@@ -26,8 +26,8 @@ def _build_lake(lake: str) -> None:
     for n in range(240):
         g = "A" if n % 2 else "B"
         basket = list(rng.choice(items[g], size=int(rng.integers(2, 5)), replace=False))
-        rows.append({"session_id": f"s{n}", "item_ids": basket, "start_ts": ts, "end_ts": ts, "length": len(basket),
-                     "split": "train" if n < 200 else "test"})  # fmt: skip
+        rows.append({"session_id": f"s{n}", "user_id": f"u{n % 10}", "item_ids": basket, "start_ts": ts, "end_ts": ts,
+                     "length": len(basket), "split": "train" if n < 200 else "test"})  # fmt: skip
     write_arrow(pa.Table.from_pylist(rows), lake, "sessions", mode="overwrite")
     train = [r["item_ids"] for r in rows if r["split"] == "train"]
     freq = Counter(i for s in train for i in s)
@@ -40,6 +40,18 @@ def _build_lake(lake: str) -> None:
            "cosine": c / np.sqrt(freq[a] * freq[b]), "ppmi": max(0.0, float(np.log(c * len(train) / (freq[a] * freq[b])))),
            "bucket": hash(a) % 2} for (a, b), c in cnt.items()]  # fmt: skip
     write_arrow(pa.Table.from_pylist(co), lake, "cooccurrence", mode="overwrite")
+    # one pseudo-basket per customer (same recency everywhere: r = 1), pairs of at least 2 customers
+    per_user = defaultdict(set)
+    for r in rows:
+        if r["split"] == "train":
+            per_user[r["user_id"]].update(r["item_ids"])
+    customers, cw = Counter(), defaultdict(float)
+    for bought in per_user.values():
+        for a, b in itertools.permutations(sorted(bought), 2):
+            customers[a, b] += 1
+            cw[a, b] += 1.0 / (len(bought) - 1)
+    cu = [{"item_a": a, "item_b": b, "customers": c, "weight": cw[a, b], "bucket": hash(a) % 2} for (a, b), c in customers.items() if c >= 2]
+    write_arrow(pa.Table.from_pylist(cu), lake, "customer_cooccurrence", mode="overwrite")
     cat = [{"item_id": i, "title": f"{GROUPS[g]} {i[1:]}"} for g in GROUPS for i in items[g]]
     cat.append({"item_id": COLD, "title": f"{GROUPS['A']} cold"})
     write_arrow(pa.Table.from_pylist(cat), lake, "catalog", mode="overwrite")
@@ -245,6 +257,37 @@ def test_softmax_ddp_matches_single_process_and_ranks_by_dot(toy_lake, tiny_bert
     assert not np.allclose(s[warm][:, warm], s[warm][:, warm].T, atol=1e-3)  # asymmetric: no cosine could give this
     top = neighbours_by_title(res["model_dir"], toy_lake, ["red apple fruit cold"], k=5)["red apple fruit cold"]
     assert len(top) == 5 and all(item.startswith("A") for item, _, _ in top)
+
+
+def test_softmax_target_adds_the_customer_weights(toy_lake, tiny_bert, ray_local, tmp_path):
+    """The softmax model's training rows: every session pair's weight plus customer_weight x its
+    customer_cooccurrence weight (read back from the two tables with pandas); a lake without the
+    customer table is refused with the fix, unless customer_weight is 0."""
+    import shutil
+
+    from common import lake as lk
+    from ray_train.items import INPUT_TABLES, _datasets, train_items
+    from ray_train.pairs import item_frequencies
+
+    vocab = item_frequencies(toy_lake)
+    idx = dict(zip(vocab["item_id"], vocab["idx"]))
+    sessions = lk.read_pandas(toy_lake, "cooccurrence")
+    customers = lk.read_pandas(toy_lake, "customer_cooccurrence")
+    want = Counter()
+    for frame, factor in ((sessions, 1.0), (customers, 2.5)):
+        for a, b, w in zip(frame["item_a"], frame["item_b"], frame["weight"]):
+            want[idx[a], idx[b]] += factor * w
+    datasets, _ = _datasets(_softmax_cfg(toy_lake, tiny_bert, 1, customer_weight=2.5), vocab, None, lk.input_versions(toy_lake, INPUT_TABLES))
+    got = datasets["cooc"].to_pandas().groupby(["a", "b"])["w"].sum()
+    assert len(customers) > 0 and set(got.index) == set(want)
+    for key, w in want.items():
+        assert got[key] == pytest.approx(w, rel=1e-12), key
+
+    bare = str(tmp_path / "bare")
+    shutil.copytree(toy_lake, bare)
+    shutil.rmtree(lk.table_uri(bare, "customer_cooccurrence"))
+    with pytest.raises(Exception, match="customer_cooccurrence"):
+        train_items(_softmax_cfg(bare, tiny_bert, 1))
 
 
 def test_softmax_bf16_logits_track_fp32():

@@ -154,6 +154,14 @@ def test_lake_round_trip_without_leakage(spark, lake):
     cmeta = L.commit_info(lake, "cooccurrence")
     assert cmeta["n_train_sessions"] == 10 and cmeta["min_count"] == 1 and cmeta["inputs"] == {"sessions": 1}
 
+    # one customer (u1) bought every train item: x0 and x1 never share an order but share a customer
+    cust = L.read_pandas(lake, "customer_cooccurrence")
+    cpairs = {(a, b): n for a, b, n in zip(cust.item_a, cust.item_b, cust.customers)}
+    assert ("x0", "x1") not in pairs and cpairs[("x0", "x1")] == 1 and len(cpairs) == 5 * 4 and cooc["customers"] == 1
+    assert L.commit_info(lake, "customer_cooccurrence")["inputs"] == {"sessions": 1}
+    C.run(spark, C.CooccurrenceConfig(lake=lake, min_count=1, customer_min_count=0))  # re-run, customer pairs off
+    assert len(L.read_pandas(lake, "customer_cooccurrence")) == 0 and L.table_version(lake, "customer_cooccurrence") == 1
+
     top = C.top_cooccurring(None, lake, "alpha", k=2)
     assert top[0]["item_id"] == "B" and top[0]["title"] == "Beta" and top[0]["count"] == 10
     assert C.top_cooccurring(spark, lake, "A", k=2) == top
