@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
 
     lake = args.lake or str(Path(tempfile.mkdtemp(prefix="prodrep-scale-")) / "lake")
     t0 = time.perf_counter()
-    if not L.exists(lake, "cooccurrence"):
+    if not (L.exists(lake, "cooccurrence") and L.exists(lake, "customer_cooccurrence")):
         sessions, catalog = synthetic_tables(args.items, args.baskets)
         L.write_arrow(sessions, lake, "sessions", mode="overwrite")
         L.write_arrow(catalog, lake, "catalog", mode="overwrite")

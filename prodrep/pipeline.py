@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,7 +87,7 @@ def run(cfg: PipelineConfig) -> int:
     spark = get_spark("prodrep-pipeline") if any(s in SPARK_STAGES for s in wanted) else None
     prefetch = _STATE["prefetch"] = Prefetch(lake, cfg)
     start_after = prefetch_start(wanted)
-    release_after = spark_release_after(wanted)
+    spark_done, ray_done = release_after(wanted, SPARK_STAGES), release_after(wanted, RAY_STAGES)
     try:
         if start_after == -1:
             prefetch.start()
@@ -96,11 +97,13 @@ def run(cfg: PipelineConfig) -> int:
             _timed(stage, lambda: runner(spark, lake, cfg), timings)
             if i == start_after:
                 prefetch.start()
-            if i == release_after and spark is not None:
-                # evaluate runs on the driver alone: the JVM and the Python workers embed left holding the
-                # encoder (about 1 GB each) were most of its peak at 40k items
+            # the later stages do not need the engine: its idle workers (Spark's Python workers holding the
+            # encoder, about 1 GB each; Ray's idle workers, 2 GB at 40k items) were most of evaluate's peak
+            if i == spark_done and spark is not None:
                 spark.stop()
                 spark = None
+            if i == ray_done:
+                _stop_ray()
     finally:
         prefetch.stop()
     total = time.perf_counter() - t0
@@ -115,13 +118,21 @@ COMMAND = Command(PipelineConfig, lambda cfg, _args: run(cfg))
 
 INPUT_STAGES = ("ingest", "sessions")  # the stages writing what evaluate's gensim fits read
 SPARK_STAGES = ("ingest", "sessions", "cooccur", "tokenize", "embed", "neighbors")
+RAY_STAGES = ("train-mlm", "train-items")
 
 
-def spark_release_after(wanted: Sequence[str]) -> int | None:
-    """Index of the stage in ``wanted`` after which the pipeline stops Spark: its last Spark stage, when a
-    stage without Spark still follows (None: Spark is needed to the end, or never started)."""
-    last = max((i for i, s in enumerate(wanted) if s in SPARK_STAGES), default=None)
+def release_after(wanted: Sequence[str], engine_stages: Sequence[str]) -> int | None:
+    """Index of the stage in ``wanted`` after which the engine that ``engine_stages`` use can stop: the
+    last of them, when a stage that does not use it still follows (None: needed to the end, or never)."""
+    last = max((i for i, s in enumerate(wanted) if s in engine_stages), default=None)
     return last if last is not None and last < len(wanted) - 1 else None
+
+
+def _stop_ray() -> None:
+    """Disconnect from Ray (a local Ray started by this process shuts down with its workers)."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
 
 
 def prefetch_start(wanted: Sequence[str]) -> int | None:

@@ -112,15 +112,21 @@ def local_rows(rank: int, world: int, n_items: int) -> tuple[np.ndarray, Any]:
     import ray.train
     import scipy.sparse as sp
 
-    parts_a, parts_b, parts_w = [], [], []
+    # Summed into CSR a few batches at a time: holding every batch's (a, b, w) columns until the end
+    # cost 24 bytes per row twice over (the parts and their concatenation), 1.2 GB per worker for the 40k
+    # shop's 50M customer pairs; a pair in both tables is summed here.
+    mat = sp.csr_matrix((n_items, n_items), dtype=np.float64)
+    pending: list = []
     for batch in ray.train.get_dataset_shard("cooc").iter_batches(batch_size=262_144, batch_format="numpy"):
         a = batch["a"].astype(np.int64)
         mine = a % world == rank
-        parts_a.append(a[mine])
-        parts_b.append(batch["b"].astype(np.int64)[mine])
-        parts_w.append(batch["w"].astype(np.float64)[mine])
-    a, b, w = (np.concatenate(p) if p else np.zeros(0) for p in (parts_a, parts_b, parts_w))
-    mat = sp.csr_matrix((w, (a.astype(np.int64), b.astype(np.int64))), shape=(n_items, n_items))
+        pending.append(sp.csr_matrix((batch["w"].astype(np.float64)[mine], (a[mine], batch["b"].astype(np.int64)[mine])),
+                                     shape=(n_items, n_items)))  # fmt: skip
+        if len(pending) == 16:
+            mat = mat + sum(pending[1:], pending[0])
+            pending = []
+    if pending:
+        mat = mat + sum(pending[1:], pending[0])
     rows = np.flatnonzero(np.diff(mat.indptr))
     return rows, mat
 

@@ -437,10 +437,11 @@ def test_pipeline_starts_the_prefetch_once_its_inputs_exist():
     assert prefetch_start(["ingest", "sessions", "cooccur"]) is None and prefetch_start(["evaluate"]) is None
 
 
-def test_pipeline_stops_spark_after_its_last_spark_stage():
-    from prodrep.pipeline import STAGES, spark_release_after
+def test_pipeline_stops_spark_and_ray_after_their_last_stages():
+    from prodrep.pipeline import RAY_STAGES, SPARK_STAGES, STAGES, release_after
 
-    assert STAGES[spark_release_after(list(STAGES))] == "neighbors"  # evaluate runs without the JVM
-    assert spark_release_after(["ingest", "train-items", "evaluate"]) == 0
-    assert spark_release_after(["train-items", "evaluate"]) is None  # Spark never started
-    assert spark_release_after(["ingest", "sessions"]) is None  # still needed by the last stage
+    assert STAGES[release_after(list(STAGES), SPARK_STAGES)] == "neighbors"  # evaluate runs without the JVM
+    assert STAGES[release_after(list(STAGES), RAY_STAGES)] == "train-items"
+    assert release_after(["ingest", "train-items", "evaluate"], SPARK_STAGES) == 0
+    assert release_after(["train-items", "evaluate"], SPARK_STAGES) is None  # Spark never started
+    assert release_after(["ingest", "sessions"], SPARK_STAGES) is None  # still needed by the last stage
