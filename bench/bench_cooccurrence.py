@@ -5,6 +5,10 @@ Expansion r of the data replicates every session with item ids remapped to ``<it
 ids ``<session>#r``), so events, pair occurrences and output pairs all scale by the factor while the
 per-session shape (and so the cap's effect) stays the same.
 
+The customer table (``customer_cooccurrence``: one pseudo-basket per customer, min 1 customer) is timed the
+same way at every scale: Spark = ``customer_baskets`` + the cap + the same counting + a ``noop`` write;
+baseline = a pandas explode / group-by per customer + the same scipy code.
+
 Both sides compute the full table with the job's defaults (cap 100 items/session by the sha256 rule,
 min_count 2, both orders, count/weight/freq/cosine/PPMI). Timed: Spark = the job's transforms (capped
 baskets persisted, as ``run`` does) + a ``noop`` write that forces every output row (the Delta write is excluded: it is the same for any
@@ -39,15 +43,19 @@ DATA = ROOT / "data" / "online_retail" / "online_retail.parquet"
 
 def load_baskets(path: Path = DATA) -> tuple[pd.DataFrame, int]:
     """Online Retail baskets: InvoiceNo not starting with C, Quantity > 0, StockCode upper-cased.
-    Returns (session_id, items: distinct items in line order) and the number of event rows."""
-    t = pq.read_table(path, columns=["InvoiceNo", "StockCode", "Quantity"])
+    Returns (session_id, user_id (None when unknown), items: distinct items in line order) and the number
+    of event rows."""
+    t = pq.read_table(path, columns=["InvoiceNo", "StockCode", "Quantity", "CustomerID"])
     inv = pc.cast(t["InvoiceNo"], pa.string())
     keep = pc.and_(pc.invert(pc.starts_with(inv, "C")), pc.greater(t["Quantity"], 0))
     t = t.filter(keep)
+    user = pc.cast(pc.cast(t["CustomerID"], pa.int64()), pa.string()).to_pylist()
     df = pd.DataFrame({"session_id": pc.cast(t["InvoiceNo"], pa.string()).to_pylist(), "item": pc.utf8_upper(pc.cast(t["StockCode"], pa.string())).to_pylist()})
     events = len(df)
+    users = pd.Series(user, index=df.session_id).groupby(level=0).first()  # an invoice has one customer
     df = df.drop_duplicates(["session_id", "item"])
     sessions = df.groupby("session_id", sort=True).item.agg(list).reset_index().rename(columns={"item": "items"})
+    sessions.insert(1, "user_id", [u if isinstance(u, str) else None for u in users.reindex(sessions.session_id)])
     return sessions, events
 
 
@@ -59,7 +67,8 @@ def expand(sessions: pd.DataFrame, factor: int) -> pd.DataFrame:
     for r in range(1, factor):
         parts.append(
             pd.DataFrame(
-                {"session_id": sessions.session_id + f"#{r}", "items": [[f"{i}#{r}" for i in it] for it in sessions["items"]]}
+                {"session_id": sessions.session_id + f"#{r}", "user_id": [f"{u}#{r}" if isinstance(u, str) else None for u in sessions.user_id],
+                 "items": [[f"{i}#{r}" for i in it] for it in sessions["items"]]}
             )
         )
     return pd.concat(parts, ignore_index=True)
@@ -113,6 +122,18 @@ def baseline(sessions: pd.DataFrame, cap: int = 100, min_count: int = 2) -> pd.D
     )
 
 
+def customer_baskets(sessions: pd.DataFrame) -> pd.DataFrame:
+    """One pseudo-basket per known customer: (session_id = user_id, items = their distinct items)."""
+    known = sessions[sessions.user_id.notna()]
+    flat = known[["user_id", "items"]].explode("items").drop_duplicates()
+    return flat.groupby("user_id", sort=True)["items"].agg(list).reset_index().rename(columns={"user_id": "session_id"})
+
+
+def customer_baseline(sessions: pd.DataFrame, cap: int = 100) -> pd.DataFrame:
+    """The customer table single-process: pandas pseudo-baskets, then :func:`baseline` (min 1 customer)."""
+    return baseline(customer_baskets(sessions), cap, min_count=1)
+
+
 def pair_occurrences(sessions: pd.DataFrame, cap: int = 100) -> int:
     m = np.minimum(np.fromiter((len(x) for x in sessions["items"]), dtype=np.int64), cap or 10**9)
     return int((m * (m - 1)).sum())
@@ -129,6 +150,23 @@ def spark_run(spark, df, cfg) -> int:
     capped = cap_sessions(train_baskets(df), cfg.max_session_items).persist(StorageLevel.MEMORY_AND_DISK)
     try:
         out, _ = cooccurrence_from_capped(capped, cfg)  # partitioned by bucket, as the job writes it
+        out.write.format("noop").mode("overwrite").save()
+    finally:
+        capped.unpersist()
+    return 0
+
+
+def spark_customers(spark, df, cfg) -> int:
+    """The customer table as ``run`` builds it, minus Delta: pseudo-baskets capped and persisted, every row forced."""
+    import dataclasses
+
+    from pyspark import StorageLevel
+
+    from spark_jobs.cooccurrence import cap_sessions, customer_baskets, customer_cooccurrence
+
+    capped = cap_sessions(customer_baskets(df), cfg.max_session_items).persist(StorageLevel.MEMORY_AND_DISK)
+    try:
+        out, _ = customer_cooccurrence(capped, dataclasses.replace(cfg, customer_min_count=1), None)
         out.write.format("noop").mode("overwrite").save()
     finally:
         capped.unpersist()
@@ -166,14 +204,15 @@ def main() -> int:
         f"(x16: {args.repeats_large or args.repeats}) load-avg(1m)={os.getloadavg()[0]:.1f} (no GPU used)"
     )
     print(f"Online Retail: {base_events:,} events, {len(base):,} sessions; cap={cfg.max_session_items} min_count={cfg.min_count}")
-    results = []
+    results, customer_results = [], []
     try:
         for factor in [int(s) for s in args.scales.split(",")]:
             sess = expand(base, factor)
             events = base_events * factor
             occ = pair_occurrences(sess, cfg.max_session_items)
             sdf = spark.createDataFrame(
-                pa.table({"session_id": sess.session_id.tolist(), "item_ids": pa.array(list(sess["items"]), pa.list_(pa.string())), "split": ["train"] * len(sess)})
+                pa.table({"session_id": sess.session_id.tolist(), "user_id": pa.array(sess.user_id.tolist(), pa.string()),
+                          "item_ids": pa.array(list(sess["items"]), pa.list_(pa.string())), "split": ["train"] * len(sess)})
             )
             sdf = sdf.repartition(8).cache()
             sdf.count()
@@ -190,12 +229,25 @@ def main() -> int:
                 assert abs(row.w - ref.weight.sum()) < 1e-6 * ref.weight.sum()
                 assert abs(row.p - ref.ppmi.sum()) < 1e-6 * ref.ppmi.sum()
                 print(f"check x1: Spark and baseline agree on {len(ref):,} pairs and on sum(count), sum(weight), sum(ppmi)")
+                from spark_jobs.cooccurrence import cap_sessions, customer_baskets, customer_cooccurrence
+
+                cref = customer_baseline(sess, cfg.max_session_items)
+                cgot, _ = customer_cooccurrence(cap_sessions(customer_baskets(sdf), cfg.max_session_items), cfg, None)
+                row = cgot.agg(F.count("*").alias("n"), F.sum("customers").alias("c"), F.sum("weight").alias("w")).collect()[0]
+                assert row.n == len(cref) and row.c == int(cref["count"].sum()), (row, len(cref))
+                assert abs(row.w - cref.weight.sum()) < 1e-6 * cref.weight.sum()
+                print(f"check x1: the customer tables agree on {len(cref):,} pairs and on sum(customers), sum(weight)")
+                del cref
             del ref
             reps = args.repeats_large if (factor >= 16 and args.repeats_large) else args.repeats
             t_spark, ts = timed(lambda: spark_run(spark, sdf, cfg), reps)
             t_base, tb = timed(lambda: baseline(sess, cfg.max_session_items, cfg.min_count), reps)
+            c_spark, cs = timed(lambda: spark_customers(spark, sdf, cfg), reps)
+            c_base, cb = timed(lambda: customer_baseline(sess, cfg.max_session_items), reps)
             sdf.unpersist()
             results.append((factor, events, occ, out_pairs, t_spark, t_base, ts, tb))
+            customer_results.append((factor, events, c_spark, c_base))
+            print(f"x{factor:<3} customer table: spark {c_spark:7.1f}s {[round(t, 1) for t in cs]}  baseline {c_base:7.1f}s {[round(t, 1) for t in cb]}", flush=True)
             print(
                 f"x{factor:<3} events={events:>10,} pair_occ={occ:>12,} out_pairs={out_pairs:>11,}  "
                 f"spark {t_spark:7.1f}s {[round(t, 1) for t in ts]}  baseline {t_base:7.1f}s {[round(t, 1) for t in tb]}",
@@ -217,6 +269,10 @@ def main() -> int:
         for name, idx in (("Spark", 4), ("baseline", 5)):
             slope = np.polyfit(n, np.log([r[idx] for r in results]), 1)[0]
             print(f"scaling exponent ({name}): time ~ events^{slope:.2f}")
+    print("\n| scale | events | customer table: Spark s | baseline s | Spark/baseline throughput |")
+    print("|---|---:|---:|---:|---:|")
+    for factor, events, c_s, c_b in customer_results:
+        print(f"| x{factor} | {events:,} | {c_s:.1f} | {c_b:.1f} | {c_b / c_s:.2f} |")
     print("pairs/s = ordered pair occurrences (sum over sessions of m(m-1), after the cap) per second")
     return 0
 

@@ -673,9 +673,10 @@ def write_customer_cooccurrence(sessions: "DataFrame", cfg: CooccurrenceConfig, 
     from common import lake as L
 
     capped = cap_sessions(customer_baskets(sessions), cfg.max_session_items).persist(StorageLevel.MEMORY_AND_DISK)
+    rows = None
     try:
         rows, stats = customer_cooccurrence(capped, cfg, newest)
-        rows = rows.persist(StorageLevel.MEMORY_AND_DISK)
+        rows = rows.persist(StorageLevel.MEMORY_AND_DISK)  # the count and the write share one computation
         written = rows.count()
         meta = L.job_metadata(
             JOB,
@@ -693,8 +694,9 @@ def write_customer_cooccurrence(sessions: "DataFrame", cfg: CooccurrenceConfig, 
             n_buckets=cfg.n_buckets,
         )
         version = L.write_spark(rows, cfg.lake, "customer_cooccurrence", mode="overwrite", metadata=meta)
-        rows.unpersist()
     finally:
+        if rows is not None:
+            rows.unpersist()
         capped.unpersist()
     return {"customer_table_version": version, "customer_pairs_written": written, "customers": stats["train_sessions"]}
 
