@@ -49,6 +49,13 @@ def configure_logging(verbose: bool = False) -> None:
     )
 
 
+def stop_ray() -> None:
+    """Disconnect from Ray if this process is connected (a local Ray it started shuts down with its workers)."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+
+
 def exit_process(code: int) -> None:
     """End a command-line run with exactly the job's exit code.
 
@@ -65,9 +72,7 @@ def exit_process(code: int) -> None:
         session = SparkSession.getActiveSession()
         if session is not None:
             session.stop()
-    ray = sys.modules.get("ray")
-    if ray is not None and ray.is_initialized():
-        ray.shutdown()
+    stop_ray()
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

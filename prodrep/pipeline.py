@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from common.command import Command
+from common.command import Command, stop_ray
 from common.config import ConfigError, build_config, option
 from spark_jobs.ingest import IngestConfig
 
@@ -103,7 +102,7 @@ def run(cfg: PipelineConfig) -> int:
                 spark.stop()
                 spark = None
             if i == ray_done:
-                _stop_ray()
+                stop_ray()
     finally:
         prefetch.stop()
     total = time.perf_counter() - t0
@@ -127,12 +126,6 @@ def release_after(wanted: Sequence[str], engine_stages: Sequence[str]) -> int | 
     last = max((i for i, s in enumerate(wanted) if s in engine_stages), default=None)
     return last if last is not None and last < len(wanted) - 1 else None
 
-
-def _stop_ray() -> None:
-    """Disconnect from Ray (a local Ray started by this process shuts down with its workers)."""
-    ray = sys.modules.get("ray")
-    if ray is not None and ray.is_initialized():
-        ray.shutdown()
 
 
 def prefetch_start(wanted: Sequence[str]) -> int | None:
