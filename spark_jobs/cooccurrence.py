@@ -65,6 +65,9 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger(__name__)
 
 JOB = "cooccurrence"
+# Work of one counting task when the job sizes the counting itself (explode_partitions = 0): a few
+# seconds of scipy sparse products, so a task's fixed cost (Python worker, Arrow batches) stays small.
+PAIRS_PER_TASK = 4_000_000
 CAP_SEPARATOR = "\x1f"
 CAP_RULE = (
     "sessions with more than max_session_items distinct items keep the max_session_items items with the "
@@ -82,7 +85,9 @@ class CooccurrenceConfig(JobConfig):
     n_buckets: int = option(16, "partition buckets of item_a (one file each)")
     salt_buckets: int = option(8, "salt buckets of the two-stage top-K (a hot item's partners spread over them)")
     broadcast_items_max: int = option(2_000_000, "largest vocabulary shipped to every task; above it pairs are exploded row by row")
-    explode_partitions: int = option(0, "partitions sessions are spread over before counting; 0 = spark.sql.shuffle.partitions")
+    explode_partitions: int = option(0, "tasks the pair counting runs on; 0 = sized from the data: one per "
+                                        f"{PAIRS_PER_TASK:,} ordered pair occurrences, between the default "
+                                        "parallelism and spark.sql.shuffle.partitions")  # fmt: skip
     pair_budget: int = option(20_000_000, "pair occurrences a task counts at once")
     # 120 chosen on Online Retail's val split for the softmax model: Recall@20 0.2118 vs 0.2087 without decay
     # (30 / 60 / 240 days: 0.206 / 0.211 / 0.211), cold 0.1515 vs 0.152
@@ -108,7 +113,7 @@ class CooccurrenceConfig(JobConfig):
         if self.pair_budget < 1:
             raise ConfigError("pair_budget must be >= 1 (pair occurrences a task counts at once; default 20,000,000)")
         if self.explode_partitions < 0:
-            raise ConfigError("explode_partitions must be >= 0 (0 = spark.sql.shuffle.partitions)")
+            raise ConfigError("explode_partitions must be >= 0 (0 = sized from the data)")
         if not self.half_life_days >= 0:
             raise ConfigError(f"half_life_days={self.half_life_days} must be >= 0 (0 = no recency decay, e.g. 120)")
 
@@ -573,7 +578,7 @@ def cooccurrence_from_capped(
     vocab = add_bucket(freqs.withColumnRenamed("item", "item_a"), cfg.n_buckets).withColumnRenamed("item_a", "item")
     vocab = vocab.limit(cfg.broadcast_items_max + 1).toPandas()
     n_items = len(vocab) if len(vocab) <= cfg.broadcast_items_max else freqs.count()
-    parts = cfg.explode_partitions or int(spark.conf.get("spark.sql.shuffle.partitions", "200"))
+    parts = count_tasks(spark, stats["ordered_pair_occurrences"], cfg.explode_partitions)
     n_sessions = stats["train_sessions"]
     if n_items <= cfg.broadcast_items_max and not cfg.top_k:  # already one task per bucket
         out = scored_pairs_vectorised(capped, vocab, n_sessions, cfg.min_count, parts, cfg.n_buckets, cfg.pair_budget)
@@ -585,7 +590,24 @@ def cooccurrence_from_capped(
         out = add_bucket(top_k_per_item(scored, cfg.top_k, cfg.salt_buckets), cfg.n_buckets)
         out = out.repartition(cfg.n_buckets, "bucket")  # one file per bucket
     stats["train_items"] = int(n_items)
+    stats["count_tasks"] = parts
     return out, stats
+
+
+def count_tasks(spark: "SparkSession", ordered_pairs: int, configured: int = 0) -> int:
+    """Tasks the pair counting is spread over: ``configured``, or (0) one per :data:`PAIRS_PER_TASK`
+    ordered pair occurrences, at least the default parallelism (every core busy) and at most
+    ``spark.sql.shuffle.partitions``.
+
+    Sized from the data because the counting repartitions to an explicit number, which adaptive
+    execution never coalesces: with a cluster's default 200 shuffle partitions, a small shop's tables
+    paid for 200 + 200 near-empty Python tasks (about 30 s of a 90 s job on a 2-core standalone worker).
+    """
+    if configured:
+        return int(configured)
+    ceiling = int(spark.conf.get("spark.sql.shuffle.partitions", "200"))
+    floor = min(int(spark.sparkContext.defaultParallelism), ceiling)
+    return max(floor, min(ceiling, -(-int(ordered_pairs) // PAIRS_PER_TASK)))
 
 
 def customer_cooccurrence(

@@ -127,6 +127,28 @@ def test_matches_counter_reference_without_cap_symmetric_bucketed(spark):
     assert len({next(iter(b)) for b in buckets.values()}) > 1
 
 
+def test_counting_tasks_follow_the_data_between_parallelism_and_shuffle_partitions(spark):
+    """explode_partitions 0 sizes the counting from the ordered pair occurrences: a cluster's default 200
+    shuffle partitions no longer mean 200 + 200 near-empty Python tasks on a small shop's tables."""
+    old = spark.conf.get("spark.sql.shuffle.partitions")
+    spark.conf.set("spark.sql.shuffle.partitions", "64")
+    try:
+        floor = min(spark.sparkContext.defaultParallelism, 64)
+        per = C.PAIRS_PER_TASK
+        assert C.count_tasks(spark, 0) == C.count_tasks(spark, 1) == floor  # every core still gets work
+        assert C.count_tasks(spark, 10 * per) == max(floor, 10)
+        assert C.count_tasks(spark, 10 * per + 1) == max(floor, 11)
+        assert C.count_tasks(spark, 1000 * per) == 64  # never past the shuffle partitions
+        assert C.count_tasks(spark, 1000 * per, configured=3) == 3  # an explicit number wins
+        # the job itself uses the rule (and still gives the reference's answer)
+        data = make_sessions()
+        out, stats = C.cooccurrence(to_df(spark, data), C.CooccurrenceConfig(lake="unused", max_session_items=5, min_count=2))
+        assert stats["count_tasks"] == floor
+        assert_same({(r.item_a, r.item_b): r.asDict() for r in out.collect()}, reference(data, cap=5, min_count=2)[0])
+    finally:
+        spark.conf.set("spark.sql.shuffle.partitions", old)
+
+
 def test_matches_counter_reference_with_cap_and_min_count(spark):
     data = make_sessions()
     want, removed, n = reference(data, cap=5, min_count=2)
