@@ -21,7 +21,9 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import psutil
+import pyarrow.parquet as pq
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -134,12 +136,18 @@ def export_shape(model_dir: Path) -> dict:
     for f in sorted(model_dir.rglob("*.safetensors")):
         with safe_open(str(f), "pt") as st:
             tensors.update({f"{f.relative_to(model_dir)}:{k}": tuple(st.get_slice(k).get_shape()) for k in st.keys()})
-    fixed = {k: meta.get(k) for k in ("kind", "pooling", "max_length", "dim", "tokenizer_hash", "inputs", "normalize", "format")}
+    for f in sorted(model_dir.rglob("*.npz")):  # the softmax head's arrays
+        with np.load(f) as z:
+            tensors.update({f"{f.relative_to(model_dir)}:{k}": z[k].shape for k in z.files})
+    for f in sorted(model_dir.rglob("*.parquet")):  # its per-item parts: one row per item with history
+        tensors[f"{f.relative_to(model_dir)}:rows"] = pq.read_metadata(f).num_rows
+    fixed = {k: meta.get(k) for k in ("kind", "pooling", "max_length", "dim", "tokenizer_hash", "inputs", "normalize", "format", "scoring")}
     return {"meta_keys": sorted(meta), "fixed": fixed, "tensors": tensors}
 
 
 MLM_ARGS = ["--preset", "tiny", "--max-steps", "20", "--workers", "1", "--set", "eval_interval=10"]
-FUSION_ARGS = ["--kind", "fusion", "--workers", "1", "--epochs", "1", "--pairs", "2000"]
+# the pipeline's default kind: reads cooccurrence + customer_cooccurrence through Ray Data on the cluster
+ITEMS_ARGS = ["--kind", "softmax", "--workers", "1", "--dim", "16", "--softmax-steps", "20"]
 
 
 @pytest.mark.timeout(1500)  # many jobs in one test; pyproject's 600 s is per test
@@ -160,9 +168,9 @@ def test_trainers_on_a_ray_cluster(head, isolated_python, slice_lake, tmp_path):
     # Two training jobs back to back on the same long-lived cluster.
     r = submit(isolated_python, env, "c-mlm", ["python", "-m", "ray_train.mlm", "--lake", lake, *MLM_ARGS, "--run-name", "c-mlm"])
     assert_succeeded("c-mlm", r)
-    r = submit(isolated_python, env, "c-fusion", ["python", "-m", "ray_train.items", "--lake", lake, *FUSION_ARGS,
-                                                  "--init", f"{lake}/models/c-mlm", "--run-name", "c-fusion"])  # fmt: skip
-    assert_succeeded("c-fusion", r)
+    r = submit(isolated_python, env, "c-softmax", ["python", "-m", "ray_train.items", "--lake", lake, *ITEMS_ARGS,
+                                                   "--init", f"{lake}/models/c-mlm", "--run-name", "c-softmax"])  # fmt: skip
+    assert_succeeded("c-softmax", r)
 
     # The same two runs in local mode, in this process, while the cluster is up: a private Ray, not the head.
     import ray
@@ -176,13 +184,15 @@ def test_trainers_on_a_ray_cluster(head, isolated_python, slice_lake, tmp_path):
     try:
         assert ray.get_runtime_context().gcs_address != f"127.0.0.1:{GCS_PORT}"
         assert mlm.main(["--lake", lake, *MLM_ARGS, "--run-name", "l-mlm"]) == 0
-        assert items.main(["--lake", lake, *FUSION_ARGS, "--init", f"{lake}/models/l-mlm", "--run-name", "l-fusion"]) == 0
+        assert items.main(["--lake", lake, *ITEMS_ARGS, "--init", f"{lake}/models/l-mlm", "--run-name", "l-softmax"]) == 0
     finally:
         ray.shutdown()
-    for cluster_run, local_run in (("c-mlm", "l-mlm"), ("c-fusion", "l-fusion")):
+    for cluster_run, local_run in (("c-mlm", "l-mlm"), ("c-softmax", "l-softmax")):
         got, want = export_shape(Path(lake, "models", cluster_run)), export_shape(Path(lake, "models", local_run))
         assert got == want, cluster_run
     assert len(export_shape(Path(lake, "models", "c-mlm"))["tensors"]) > 10
+    softmax = export_shape(Path(lake, "models", "c-softmax"))
+    assert softmax["fixed"]["kind"] == "softmax" and any(k.endswith(".npz:query_proj") for k in softmax["tensors"])
 
 
 @pytest.mark.timeout(1500)  # many jobs in one test; pyproject's 600 s is per test
