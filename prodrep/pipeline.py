@@ -127,7 +127,6 @@ def release_after(wanted: Sequence[str], engine_stages: Sequence[str]) -> int | 
     return last if last is not None and last < len(wanted) - 1 else None
 
 
-
 def prefetch_start(wanted: Sequence[str]) -> int | None:
     """Index of the stage in ``wanted`` after which :class:`Prefetch` starts (-1: before the first),
     or None: no ``evaluate``, or no stage left to overlap with between the inputs and it."""
