@@ -158,15 +158,13 @@ def spark_run(spark, df, cfg) -> int:
 
 def spark_customers(spark, df, cfg) -> int:
     """The customer table as ``run`` builds it, minus Delta: pseudo-baskets capped and persisted, every row forced."""
-    import dataclasses
-
     from pyspark import StorageLevel
 
     from spark_jobs.cooccurrence import cap_sessions, customer_baskets, customer_cooccurrence
 
     capped = cap_sessions(customer_baskets(df), cfg.max_session_items).persist(StorageLevel.MEMORY_AND_DISK)
     try:
-        out, _ = customer_cooccurrence(capped, dataclasses.replace(cfg, customer_min_count=1), None)
+        out, _ = customer_cooccurrence(capped, cfg, None)
         out.write.format("noop").mode("overwrite").save()
     finally:
         capped.unpersist()
@@ -196,7 +194,7 @@ def main() -> int:
     from spark_jobs.cooccurrence import CooccurrenceConfig
 
     base, base_events = load_baskets()
-    cfg = CooccurrenceConfig(lake="unused")
+    cfg = CooccurrenceConfig(lake="unused", customer_min_count=1)  # min 1 customer, as customer_baseline counts
     spark = get_spark("bench-cooccurrence", master=args.master, conf={"spark.ui.showConsoleProgress": "false"})
     print(
         f"# co-occurrence benchmark  {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC  host={platform.node()} "
